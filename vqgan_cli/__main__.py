@@ -1,0 +1,3 @@
+from vqgan_cli.cli import main
+
+main()
