@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
@@ -70,7 +70,7 @@ def read_weights(path: str | Path) -> Weights:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
         state = load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     if "format" not in meta or "config" not in meta:
         raise CheckpointError(f"{path}: safetensors file without vqgan metadata (format/config)")

@@ -82,7 +82,7 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         if not isinstance(value, dict):
             problems.append(f"{path}: expected a mapping, got {value!r}")
             return None
-        return _fill(tp, value, path, problems)
+        return _fill(tp, value, path + ".", problems)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             problems.append(f"{path}: expected a list, got {value!r}")

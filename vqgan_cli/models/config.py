@@ -66,6 +66,8 @@ class QuantizerConfig:
     temperature: float = spec(1.0, gt=0.0, help="gumbel start temperature")
     temperature_end: float = spec(1.0, gt=0.0, help="gumbel temperature after anneal_steps")
     anneal_steps: int = spec(0, ge=0, help="steps of exponential temperature annealing (0: none)")
+    gumbel_hard: bool = spec(False, help="straight-through hard one-hot samples in training too "
+                                         "(the reference's straight_through=True); eval is always hard")
 
     def check(self) -> list[str]:
         problems = []

@@ -1,0 +1,188 @@
+"""The stage-one loop: outputs, exact resume, disc_start, non-finite guard, signals, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from vqgan_cli.checkpoints import load_state, read_weights
+from vqgan_cli.config import apply_overrides, from_dict
+from vqgan_cli.train.loop import TrainingError
+from vqgan_cli.train.tokenizer import TokenizerRecipe, train_tokenizer
+
+TINY = {
+    "model": {"autoencoder": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8],
+                              "z_channels": 8, "resolution": 16},
+              "quantizer": {"n_embed": 16, "embed_dim": 8, "restart_dead": True, "dead_after": 2}},
+    "loss": {"perceptual_weight": 0.0, "disc_start": 2, "disc_ndf": 8, "disc_num_layers": 2},
+    "data": {"train": "builtin:landscapes", "size": 16, "workers": 0, "val_count": 8, "flip": True},
+    "train": {"batch_size": 4, "max_steps": 4, "base_lr": 1e-4, "ckpt_every": 2, "keep_last": 2,
+              "log_every": 1, "image_every": 2, "val_every": 2, "val_batches": 1},
+}
+
+
+def tiny_recipe(out: Path, *overrides: str) -> TokenizerRecipe:
+    data = json.loads(json.dumps(TINY))
+    data["train"]["out_dir"] = str(out)
+    return from_dict(TokenizerRecipe, apply_overrides(data, list(overrides)))
+
+
+def test_run_writes_metrics_images_checkpoints_and_tokenizer(tmp_path):
+    res = train_tokenizer(tiny_recipe(tmp_path / "run"), "tiny")
+    run = tmp_path / "run"
+    assert res.steps == 4 and res.stopped_by_signal is None
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for key in ("loss", "nll", "q_loss", "adaptive_weight", "codebook_usage", "perplexity", "lr", "images_per_s"):
+        assert key in train[-1], key
+    assert train[0]["disc_factor"] == 0.0 and train[-1]["disc_factor"] == 1.0
+    assert train[-1]["lr"] == pytest.approx(1e-4 * 4)
+    assert [r["step"] for r in val] == [2, 4]
+    assert 0.0 < val[-1]["codebook_usage"] <= 1.0 and val[-1]["psnr"] > 0
+    assert sorted(p.name for p in (run / "images").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step_0000002.safetensors", "step_0000002.state.pt",
+                     "step_0000004.safetensors", "step_0000004.state.pt"]
+    w = read_weights(run / "tokenizer.safetensors")
+    assert w.format == "vqgan-tokenizer" and w.config["quantizer"]["n_embed"] == 16
+    assert (run / "recipe.yaml").is_file()
+
+
+def _final_state(run: Path) -> tuple[dict, dict]:
+    w = read_weights(run / "tokenizer.safetensors").state_dict
+    ckpts = sorted((run / "checkpoints").glob("*.state.pt"))
+    return w, load_state(ckpts[-1])
+
+
+def test_resume_is_exact(tmp_path):
+    train_tokenizer(tiny_recipe(tmp_path / "straight"), "tiny")
+    first = train_tokenizer(tiny_recipe(tmp_path / "split", "train.max_steps=2"), "tiny")
+    assert first.steps == 2
+    second = train_tokenizer(tiny_recipe(tmp_path / "split"), "tiny")
+    assert second.steps == 4
+    (wa, sa), (wb, sb) = _final_state(tmp_path / "straight"), _final_state(tmp_path / "split")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    for k in sa["discriminator"]:
+        assert torch.equal(sa["discriminator"][k], sb["discriminator"][k]), k
+    assert (sa["epoch"], sa["batch"]) == (sb["epoch"], sb["batch"])
+    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["split"] == "train"]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_different_recipe(tmp_path):
+    from vqgan_cli.config import ConfigError
+
+    train_tokenizer(tiny_recipe(tmp_path / "r", "train.max_steps=2"), "tiny")
+    with pytest.raises(ConfigError, match="quantizer.n_embed"):
+        train_tokenizer(tiny_recipe(tmp_path / "r", "model.quantizer.n_embed=32"), "tiny")
+    res = train_tokenizer(tiny_recipe(tmp_path / "r", "model.quantizer.n_embed=32", "train.max_steps=1"),
+                          "tiny", overwrite=True)
+    assert res.steps == 1
+
+
+def test_discriminator_untouched_before_disc_start(tmp_path):
+    from vqgan_cli.losses import TokenizerLoss
+
+    recipe = tiny_recipe(tmp_path / "r", "loss.disc_start=100", "train.max_steps=3", "train.ckpt_every=3")
+    train_tokenizer(recipe, "tiny")
+    state = load_state(tmp_path / "r" / "checkpoints" / "step_0000003.state.pt")
+    torch.manual_seed(recipe.train.seed)
+    from vqgan_cli.models.vqgan import VQGAN
+
+    VQGAN(recipe.model)  # same construction order as the loop, so the same initial weights
+    fresh = TokenizerLoss(recipe.loss, "image", 3).discriminator.state_dict()
+    for k, v in fresh.items():
+        if k.endswith("num_batches_tracked") or "running" in k:
+            continue  # BatchNorm statistics move in every forward, by design
+        assert torch.equal(v, state["discriminator"][k]), k
+    assert state["opt_d"]["state"] == {}
+
+
+def test_nonfinite_losses_skip_then_stop_with_checkpoint_intact(tmp_path, monkeypatch):
+    from vqgan_cli import losses
+
+    original = losses.TokenizerLoss.generator_loss
+
+    def poisoned(self, x, x_hat, q_loss, step, last_layer):
+        out = original(self, x, x_hat, q_loss, step, last_layer)
+        return out._replace(total=out.total * float("nan")) if step >= 2 else out
+
+    monkeypatch.setattr(losses.TokenizerLoss, "generator_loss", poisoned)
+    recipe = tiny_recipe(tmp_path / "r", "train.max_steps=10", "train.ckpt_every=1", "train.max_nonfinite=3")
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
+        train_tokenizer(recipe, "tiny")
+    ckpts = sorted((tmp_path / "r" / "checkpoints").glob("*.safetensors"))
+    assert ckpts[-1].name == "step_0000004.safetensors"  # steps 3 and 4 were skipped, not saved after
+    w = read_weights(ckpts[-1]).state_dict
+    assert all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
+    state = load_state(ckpts[-1].with_name("step_0000004.state.pt"))
+    assert state["nonfinite"] == 2
+
+
+def test_sigint_saves_and_resumes(tmp_path, monkeypatch):
+    from vqgan_cli import losses
+
+    original = losses.TokenizerLoss.generator_loss
+
+    def interrupt_at_step_1(self, x, x_hat, q_loss, step, last_layer):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, x, x_hat, q_loss, step, last_layer)
+
+    monkeypatch.setattr(losses.TokenizerLoss, "generator_loss", interrupt_at_step_1)
+    res = train_tokenizer(tiny_recipe(tmp_path / "r", "train.ckpt_every=100"), "tiny")
+    assert res.stopped_by_signal == 130 and res.steps == 2
+    assert (tmp_path / "r" / "checkpoints" / "step_0000002.safetensors").is_file()
+    assert not (tmp_path / "r" / "tokenizer.safetensors").exists()
+    monkeypatch.setattr(losses.TokenizerLoss, "generator_loss", original)
+    assert train_tokenizer(tiny_recipe(tmp_path / "r", "train.ckpt_every=100"), "tiny").steps == 4
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_stay_identical(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, pathlib, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_train_tokenizer import tiny_recipe
+        from vqgan_cli.train import tokenizer as T
+        models, writes = [], []
+        build = T.VQGAN
+        T.VQGAN = lambda cfg: models.append(build(cfg)) or models[-1]
+        save = T.save_tokenizer_weights
+        T.save_tokenizer_weights = lambda *a: writes.append(1) or save(*a)
+        T.train_tokenizer(tiny_recipe(pathlib.Path({str(tmp_path / "run")!r}),
+                                      "train.max_steps=3", "train.ckpt_every=3"), "tiny")
+        rank = int(os.environ["RANK"])
+        torch.save({{"weights": models[0].state_dict(), "writes": len(writes)}},
+                   {str(tmp_path)!r} + f"/rank{{rank}}.pt")
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29731", str(script)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    assert r0["writes"] == 2 and r1["writes"] == 0  # step checkpoint + final tokenizer, rank 0 only
+    for k, v in r0["weights"].items():
+        assert torch.equal(v, r1["weights"][k]), k
+    saved = read_weights(tmp_path / "run" / "tokenizer.safetensors").state_dict
+    assert all(torch.equal(saved[k], v) for k, v in r0["weights"].items())
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step_0000003.safetensors", "step_0000003.state.pt"]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines if json.loads(x)["split"] == "train"] == [1, 2, 3]

@@ -1,0 +1,141 @@
+"""The ``vqgan`` command line: each command parses, delegates to one library function, reports.
+
+Exit codes: 0 success; 1 a run that failed (bad data, non-finite losses); 2 usage and recipe
+errors (bad options, recipe problems, missing files or weights); 128+N when signal N stopped a
+run after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from vqgan_cli.train.reporting import console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Taming Transformers: train VQGAN tokenizers and transformer priors, sample images.")
+
+T = TypeVar("T")
+
+SetOption = Annotated[list[str], typer.Option(
+    "--set", help="override a recipe value, e.g. --set train.max_steps=100 (repeatable)")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from vqgan_cli import __version__
+
+        console.print(f"vqgan {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Taming Transformers: train VQGAN tokenizers and transformer priors, sample images."""
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def run_guarded(fn: Callable[[], T]) -> T:
+    """Turn the library's expected errors into clear messages and exit codes (no traceback)."""
+    from vqgan_cli.checkpoints import CheckpointError
+    from vqgan_cli.config import ConfigError
+    from vqgan_cli.data import DataError
+    from vqgan_cli.perceptual import PerceptualWeightsMissing
+    from vqgan_cli.train.loop import TrainingError
+
+    try:
+        return fn()
+    except ConfigError as e:
+        raise _fail(str(e), 2) from None
+    except (PerceptualWeightsMissing, CheckpointError, FileNotFoundError) as e:
+        raise _fail(str(e), 2) from None
+    except (DataError, TrainingError) as e:
+        raise _fail(str(e), 1) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+
+
+@app.command("train-tokenizer")
+def train_tokenizer_cmd(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML, e.g. recipes/quickstart.yaml")],
+    overrides: SetOption = None,  # type: ignore[assignment]
+    overwrite: Annotated[bool, typer.Option(help="start the run over instead of resuming it")] = False,
+) -> None:
+    """Train a VQGAN tokenizer (stage one). Re-running the same command resumes the run."""
+    from vqgan_cli.config import load_recipe
+    from vqgan_cli.train.tokenizer import TokenizerRecipe, train_tokenizer
+
+    def go() -> None:
+        r = load_recipe(TokenizerRecipe, recipe, overrides or [])
+        _check_perceptual(r)
+        result = train_tokenizer(r, recipe.stem, overwrite=overwrite)
+        if result.stopped_by_signal:
+            raise typer.Exit(result.stopped_by_signal)
+
+    run_guarded(go)
+
+
+@app.command("reconstruct")
+def reconstruct_cmd(
+    images: Annotated[list[Path], typer.Argument(help="image files of any size")],
+    tokenizer: Annotated[str, typer.Option(help="our .safetensors checkpoint or an official .ckpt")],
+    out: Annotated[Path, typer.Option(help="folder for the <stem>_rec.png files")] = Path("reconstructions"),
+    config: Annotated[Path | None, typer.Option(help="the official model YAML, when there is one")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Reconstruct images through a tokenizer; print PSNR and SSIM per image and codebook usage."""
+    from rich.table import Table
+
+    from vqgan_cli.loading import load_tokenizer
+    from vqgan_cli.reconstruct import reconstruct_files
+    from vqgan_cli.train.runtime import resolve_device
+
+    def go() -> None:
+        dev = resolve_device(device)
+        model = load_tokenizer(tokenizer, config=str(config) if config else None).to(dev)
+        report = reconstruct_files(model, images, out, dev)
+        table = Table(title=f"reconstructions in {out}")
+        for col in ("image", "PSNR dB", "SSIM", "written"):
+            table.add_column(col)
+        for item in report.items:
+            table.add_row(str(item.source), f"{item.psnr:.2f}", f"{item.ssim:.4f}", item.output.name)
+        table.add_row("[bold]mean", f"{report.mean_psnr:.2f}", f"{report.mean_ssim:.4f}", "")
+        console.print(table)
+        console.print(f"codebook usage: {report.codebook_usage:.1%} of "
+                      f"{model.config.quantizer.n_embed} codes")
+        for msg in report.skipped:
+            console.print(f"[yellow]skipped[/] {msg}")
+        if not report.items:
+            raise typer.Exit(1)
+
+    run_guarded(go)
+
+
+def _check_perceptual(r) -> None:  # noqa: ANN001 - a TokenizerRecipe
+    """Fail before any heavy work when the LPIPS backbone weights are missing."""
+    from vqgan_cli.perceptual import check_lpips_available
+
+    if r.model.modality == "image" and r.loss.perceptual_weight > 0:
+        check_lpips_available(r.loss.lpips_backbone)
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # e.g. `vqgan ... | head`
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Convolutional building blocks shared by the encoder and decoder (PAPER.md, stage one).
+
+Submodule names match the reference release exactly (``norm1``, ``conv1``, ``nin_shortcut``,
+``q``/``k``/``v``/``proj_out``, ``conv``) so that official checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def Normalize(channels: int) -> nn.GroupNorm:  # noqa: N802 - the reference's name, kept for recognition
+    """GroupNorm with the reference's 32 groups and eps 1e-6 (the eps matters for exact outputs)."""
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+def swish(x: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(x)``; F.silu is the same function, fused."""
+    return F.silu(x)
+
+
+class ResnetBlock(nn.Module):
+    """Pre-activation residual block; a 1x1 ``nin_shortcut`` exists only when widths differ."""
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = Normalize(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            # Created only when needed: an identity skip has no key in the official checkpoints.
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        skip = self.nin_shortcut(x) if self.in_channels != self.out_channels else x
+        return skip + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all spatial positions, with a residual connection."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        h = self.norm(x)
+        # (B, 1, HW, C): one head whose sequence is the raster of positions. flatten+transpose
+        # copes with channels_last memory (a view would not).
+        q, k, v = (t(h).flatten(2).transpose(1, 2).unsqueeze(1) for t in (self.q, self.k, self.v))
+        # SDPA's default scale is head_dim^-0.5 = C^-0.5, the reference's scale; it avoids
+        # materialising the (HW, HW) matrix where a fused kernel exists.
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+        out = out.squeeze(1).transpose(1, 2).reshape(b, c, hgt, wid)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Halve the resolution; the asymmetric right/bottom pad reproduces the reference exactly."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour, then a 3x3 conv to smooth the blockiness."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

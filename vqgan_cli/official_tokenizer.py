@@ -1,0 +1,276 @@
+"""Official VQModel / GumbelVQ / segmentation / depth weights -> our :class:`VQGAN`.
+
+Every architecture value is read off the tensor shapes (PAPER.md, "Checkpoint layout"):
+``ch`` and ``in_channels`` from ``encoder.conv_in``, ``ch_mult`` from each level's first block,
+``num_res_blocks`` from the block indices, attention levels from which ``down.{i}.attn`` exist,
+``z_channels`` from ``encoder.conv_out``, ``embed_dim`` from ``quant_conv``, ``n_embed`` from the
+codebook, Gumbel from ``quantize.proj``. The one value shapes cannot carry is the training
+resolution, which only decides *where* attention sits: ``attn_resolutions`` are stated as
+``resolution / 2^level`` (resolution 256 unless the YAML or caller says otherwise). When the
+model's YAML is given its values are used, but each is checked against the shapes first.
+
+``quantize.used`` (the reference's ``remap``): the model's tokens are positions in this list of
+used codebook entries, not raw codebook indices. Encoding maps a code to its first position in
+``used``; a code absent from it becomes ``unknown_index``: ``"random"`` (the reference's
+default: a uniformly random token, so such encodes are not deterministic), ``"extra"`` (one
+extra token ``len(used)``, which decodes as ``used[0]``) or a fixed integer. Decoding maps a
+token ``t`` back to code ``used[t]``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Any, NamedTuple
+
+import torch
+
+from vqgan_cli.checkpoints import CheckpointError
+from vqgan_cli.config import ConfigError, from_dict, to_dict
+from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
+from vqgan_cli.models.quantizers import Quantized
+from vqgan_cli.models.vqgan import VQGAN
+from vqgan_cli.official import (drop_training_keys, get_param, mismatch, need, strict_load,
+                                target_name)
+
+DEFAULT_RESOLUTION = 256
+REFERENCE_GUMBEL_KL = 1e-8  # GumbelVQ's default and the released f8 value
+
+
+class _Remapped:
+    """Mixin over a quantizer class: tokens are positions in the ``used`` buffer."""
+
+    used: torch.Tensor
+    unknown_index: int | str
+
+    @property
+    def n_tokens(self) -> int:
+        """Size of the token vocabulary the prior sees (``len(used)``, +1 with ``extra``)."""
+        return self.used.numel() + (1 if self.unknown_index == "extra" else 0)
+
+    def remap_to_used(self, indices: torch.Tensor) -> torch.Tensor:
+        n_used = self.used.numel()
+        pos = torch.arange(n_used, device=indices.device)
+        table = torch.full((self.n_embed,), n_used, dtype=torch.long, device=indices.device)
+        table = table.scatter_reduce(0, self.used.to(indices.device).long(), pos, reduce="amin")
+        new = table[indices]
+        unknown = new == n_used
+        if self.unknown_index == "random":
+            new[unknown] = torch.randint(0, self.n_tokens, (int(unknown.sum()),), device=new.device)
+        elif self.unknown_index != "extra":
+            new[unknown] = int(self.unknown_index)
+        return new
+
+    def unmap_to_all(self, tokens: torch.Tensor) -> torch.Tensor:
+        used = self.used.to(tokens.device).long()
+        if self.unknown_index == "extra":
+            tokens = torch.where(tokens >= used.numel(), 0, tokens)
+        return used[tokens]
+
+    def forward(self, z: torch.Tensor) -> Quantized:
+        q = super().forward(z)  # type: ignore[misc]
+        return q._replace(indices=self.remap_to_used(q.indices))
+
+    def codes(self, indices: torch.Tensor) -> torch.Tensor:
+        return super().codes(self.unmap_to_all(indices))  # type: ignore[misc]
+
+
+def install_remap(model: VQGAN, used: torch.Tensor, unknown_index: int | str = "random") -> None:
+    """Give ``model.quantize`` the reference's index remap (adds the ``quantize.used`` buffer)."""
+    if not (unknown_index in ("random", "extra") or isinstance(unknown_index, int)):
+        raise ValueError(f"unknown_index must be 'random', 'extra' or an int, got {unknown_index!r}")
+    q = model.quantize
+    base = type(q)
+    q.__class__ = type(f"Remapped{base.__name__}", (_Remapped, base), {"__module__": __name__})
+    q.register_buffer("used", used.detach().clone().long())
+    q.unknown_index = unknown_index
+
+
+def remap_setting(model: VQGAN) -> int | str | None:
+    """The model's ``unknown_index`` if it remaps its tokens, else None."""
+    return model.quantize.unknown_index if isinstance(model.quantize, _Remapped) else None
+
+
+def _level_ids(state: dict[str, torch.Tensor], pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in state if (m := rx.match(k))})
+
+
+class _Shapes(NamedTuple):
+    """What the weights say, with the key behind each value (for error messages)."""
+
+    ae: AutoencoderConfig
+    kind: str
+    n_embed: int
+    embed_dim: int
+    attn_levels: tuple[int, ...]
+    n_labels: int | None
+
+
+def _read_shapes(state: dict[str, torch.Tensor], source: str, prefix: str,
+                 resolution: int) -> _Shapes:
+    def get(key: str, ndim: int | None = None) -> torch.Tensor:
+        return need(state, key, source, prefix, ndim)
+
+    conv_in = get("encoder.conv_in.weight", 4)
+    ch, in_channels = conv_in.shape[0], conv_in.shape[1]
+    levels = _level_ids(state, r"encoder\.down\.(\d+)\.")
+    if not levels or levels != list(range(len(levels))):
+        raise CheckpointError(f"{source}: encoder levels {levels} are not 0..n-1 "
+                              f"(keys {prefix}encoder.down.*)")
+    ch_mult = []
+    for i in levels:
+        width = get(f"encoder.down.{i}.block.0.conv1.weight", 4).shape[0]
+        if width % ch:
+            raise CheckpointError(f"{source}: key {prefix}encoder.down.{i}.block.0.conv1.weight "
+                                  f"has {width} channels, not a multiple of ch={ch}")
+        ch_mult.append(width // ch)
+    n_blocks = len(_level_ids(state, r"encoder\.down\.0\.block\.(\d+)\."))
+    enc_attn = tuple(i for i in levels if any(k.startswith(f"encoder.down.{i}.attn.") for k in state))
+    dec_attn = tuple(i for i in levels if any(k.startswith(f"decoder.up.{i}.attn.") for k in state))
+    if enc_attn != dec_attn:
+        raise CheckpointError(f"{source}: encoder attention at levels {list(enc_attn)} but decoder "
+                              f"at {list(dec_attn)} (keys {prefix}encoder.down.*.attn / "
+                              f"{prefix}decoder.up.*.attn); the architecture puts both at the "
+                              "same resolutions")
+    factor = 2 ** (len(levels) - 1)
+    if resolution % factor:
+        raise CheckpointError(f"{source}: resolution {resolution} is not a multiple of the "
+                              f"downsampling factor {factor} read from the weights")
+    z_channels = get("encoder.conv_out.weight", 4).shape[0]
+    dec_z = get("decoder.conv_in.weight", 4).shape[1]
+    if dec_z != z_channels:
+        raise CheckpointError(f"{source}: key {prefix}decoder.conv_in.weight takes {dec_z} channels "
+                              f"but encoder.conv_out gives {z_channels} (double_z is not a VQ layout)")
+    out_channels = get("decoder.conv_out.weight", 4).shape[0]
+    embed_dim = get("quant_conv.weight", 4).shape[0]
+    if "quantize.embedding.weight" in state:
+        kind, n_embed = "vq", get("quantize.embedding.weight", 2).shape[0]
+    elif "quantize.embed.weight" in state:
+        kind, n_embed = "gumbel", get("quantize.embed.weight", 2).shape[0]
+    else:
+        raise CheckpointError(f"{source}: missing key {prefix}quantize.embedding.weight "
+                              f"(or {prefix}quantize.embed.weight for GumbelVQ)")
+    n_labels = None
+    if "colorize" in state and state["colorize"].ndim == 4:
+        n_labels = state["colorize"].shape[1] if state["colorize"].shape[1] == in_channels else None
+    elif in_channels == out_channels and in_channels not in (1, 3):
+        n_labels = in_channels
+    ae = AutoencoderConfig(
+        ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=n_blocks,
+        attn_resolutions=tuple(resolution // 2 ** i for i in enc_attn),
+        in_channels=in_channels, out_channels=out_channels, resolution=resolution,
+        z_channels=z_channels, dropout=0.0)
+    return _Shapes(ae, kind, n_embed, embed_dim, enc_attn, n_labels)
+
+
+def _modality(s: _Shapes, segmentation: bool = False) -> tuple[str, int | None]:
+    if segmentation or s.n_labels is not None:
+        return "segmentation", s.n_labels if s.n_labels is not None else s.ae.in_channels
+    if s.ae.in_channels == 1 and s.ae.out_channels == 1:
+        return "depth", None
+    return "image", None
+
+
+def _make_config(modality: str, n_labels: int | None, ae: AutoencoderConfig,
+                 qc: QuantizerConfig, source: str) -> TokenizerConfig:
+    cfg = TokenizerConfig(modality=modality, n_labels=n_labels, autoencoder=ae, quantizer=qc)
+    try:  # round trip through the recipe checker, so bad values get its messages
+        return from_dict(TokenizerConfig, to_dict(cfg), source)
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: the weights describe an unsupported tokenizer: "
+                              + "; ".join(e.problems)) from None
+
+
+def infer_tokenizer_config(state: dict[str, torch.Tensor], source: str = "<state_dict>",
+                           resolution: int | None = None, prefix: str = "") -> TokenizerConfig:
+    """The tokenizer config implied by an official VQModel/GumbelVQ state dict's shapes."""
+    s = _read_shapes(state, source, prefix, resolution or DEFAULT_RESOLUTION)
+    modality, n_labels = _modality(s)
+    qc = QuantizerConfig(kind=s.kind, n_embed=s.n_embed, embed_dim=s.embed_dim)
+    if s.kind == "gumbel":
+        qc = replace(qc, kl_weight=REFERENCE_GUMBEL_KL)
+    return _make_config(modality, n_labels, s.ae, qc, source)
+
+
+def tokenizer_config_from_yaml(model_yaml: dict, state: dict[str, torch.Tensor], source: str,
+                               yaml_name: str, resolution: int | None = None, prefix: str = "",
+                               yaml_path: str = "model.params") -> TokenizerConfig:
+    """The YAML's tokenizer config, after checking every value against the tensor shapes."""
+    params = model_yaml.get("params") or {}
+    dd = get_param(params, "ddconfig")
+    if not isinstance(dd, dict):
+        raise CheckpointError(f"{yaml_name}: {yaml_path}.ddconfig is missing")
+    res = int(dd.get("resolution", resolution or DEFAULT_RESOLUTION))
+    if resolution is not None and resolution != res:
+        raise CheckpointError(f"{yaml_name}: {yaml_path}.ddconfig.resolution is {res} but "
+                              f"resolution={resolution} was asked for")
+    s = _read_shapes(state, source, prefix, res)
+
+    def check(key: str, yaml_value: Any, weights_value: Any, evidence: str) -> None:
+        if yaml_value is not None and yaml_value != weights_value:
+            raise mismatch(yaml_name, f"{yaml_path}.{key}", yaml_value, weights_value, evidence)
+
+    p = prefix
+    check("ddconfig.ch", dd.get("ch"), s.ae.ch, f"{p}encoder.conv_in.weight")
+    check("ddconfig.in_channels", dd.get("in_channels"), s.ae.in_channels, f"{p}encoder.conv_in.weight")
+    check("ddconfig.out_ch", dd.get("out_ch"), s.ae.out_channels, f"{p}decoder.conv_out.weight")
+    ch_mult = dd.get("ch_mult")
+    check("ddconfig.ch_mult", list(ch_mult) if ch_mult is not None else None, list(s.ae.ch_mult),
+          f"{p}encoder.down.*.block.0.conv1.weight")
+    check("ddconfig.num_res_blocks", dd.get("num_res_blocks"), s.ae.num_res_blocks,
+          f"{p}encoder.down.0.block.*")
+    check("ddconfig.z_channels", dd.get("z_channels"), s.ae.z_channels, f"{p}encoder.conv_out.weight")
+    if dd.get("double_z"):
+        raise mismatch(yaml_name, f"{yaml_path}.ddconfig.double_z", True, False,
+                       f"{p}encoder.conv_out.weight has z_channels outputs")
+    level_res = [res // 2 ** i for i in range(len(s.ae.ch_mult))]
+    yaml_attn = dd.get("attn_resolutions")
+    if yaml_attn is not None:
+        effective = sorted({int(r) for r in yaml_attn if r in level_res}, reverse=True)
+        check("ddconfig.attn_resolutions", effective, sorted(s.ae.attn_resolutions, reverse=True),
+              f"{p}encoder.down.*.attn at resolution {res}")
+    check("embed_dim", params.get("embed_dim"), s.embed_dim, f"{p}quant_conv.weight")
+    if "target" in model_yaml and (target_name(model_yaml) == "GumbelVQ") != (s.kind == "gumbel"):
+        raise mismatch(yaml_name, "model.target" if yaml_path == "model.params" else
+                       f"{yaml_path.rsplit('.', 1)[0]}.target", model_yaml["target"],
+                       "a GumbelVQ" if s.kind == "gumbel" else "a VQModel",
+                       f"{p}quantize.* keys")
+    kind = s.kind
+    codebook = "quantize.embed.weight" if s.kind == "gumbel" else "quantize.embedding.weight"
+    check("n_embed", params.get("n_embed"), s.n_embed, f"{p}{codebook}")
+    segmentation = target_name(model_yaml) == "VQSegmentationModel" or "n_labels" in params
+    modality, n_labels = _modality(s, segmentation)
+    check("n_labels", params.get("n_labels"), n_labels, f"{p}encoder.conv_in.weight")
+    ae = replace(s.ae, dropout=float(dd.get("dropout", 0.0)),
+                 attn_resolutions=tuple(int(r) for r in (yaml_attn if yaml_attn is not None
+                                                          else s.ae.attn_resolutions)))
+    qc = QuantizerConfig(kind=kind, n_embed=s.n_embed, embed_dim=s.embed_dim)
+    if kind == "gumbel":
+        qc = replace(qc, kl_weight=float(params.get("kl_weight", REFERENCE_GUMBEL_KL)))
+    return _make_config(modality, n_labels, ae, qc, yaml_name)
+
+
+class OfficialTokenizer(NamedTuple):
+    """An imported tokenizer and the entries deliberately left out of it."""
+
+    model: VQGAN
+    dropped: dict[str, torch.Tensor]  # loss.* (training only) and colorize (display only)
+
+
+def build_tokenizer(state: dict[str, torch.Tensor], source: str, model_yaml: dict | None = None,
+                    yaml_name: str = "", resolution: int | None = None, prefix: str = "",
+                    unknown_index: int | str = "random",
+                    yaml_path: str = "model.params") -> OfficialTokenizer:
+    """Build and strictly load a VQGAN from an official (unprefixed) tokenizer state dict."""
+    weights, dropped = drop_training_keys(state)
+    if model_yaml is not None:
+        cfg = tokenizer_config_from_yaml(model_yaml, weights, source, yaml_name or source,
+                                         resolution, prefix, yaml_path)
+    else:
+        cfg = infer_tokenizer_config(weights, source, resolution, prefix)
+    model = VQGAN(cfg)
+    if "quantize.used" in weights:
+        install_remap(model, weights["quantize.used"], unknown_index)
+    strict_load(model, weights, source, prefix)
+    return OfficialTokenizer(model.eval(), dropped)
