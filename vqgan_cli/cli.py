@@ -51,6 +51,8 @@ def run_guarded(fn: Callable[[], T]) -> T:
     from vqgan_cli.checkpoints import CheckpointError
     from vqgan_cli.config import ConfigError
     from vqgan_cli.data import DataError
+    from vqgan_cli.data.shards import ShardError
+    from vqgan_cli.encode import EncodeUsageError
     from vqgan_cli.perceptual import PerceptualWeightsMissing
     from vqgan_cli.train.loop import TrainingError
 
@@ -58,9 +60,9 @@ def run_guarded(fn: Callable[[], T]) -> T:
         return fn()
     except ConfigError as e:
         raise _fail(str(e), 2) from None
-    except (PerceptualWeightsMissing, CheckpointError, FileNotFoundError) as e:
+    except (PerceptualWeightsMissing, CheckpointError, FileNotFoundError, EncodeUsageError) as e:
         raise _fail(str(e), 2) from None
-    except (DataError, TrainingError) as e:
+    except (DataError, TrainingError, ShardError) as e:
         raise _fail(str(e), 1) from None
     except KeyboardInterrupt:
         raise _fail("interrupted", 130) from None
@@ -118,6 +120,60 @@ def reconstruct_cmd(
             console.print(f"[yellow]skipped[/] {msg}")
         if not report.items:
             raise typer.Exit(1)
+
+    run_guarded(go)
+
+
+@app.command("encode-dataset")
+def encode_dataset_cmd(
+    tokenizer: Annotated[str | None, typer.Option(help="image tokenizer: our .safetensors or an official .ckpt")] = None,
+    data: Annotated[str | None, typer.Option(help="folder | file list .txt | tar shard(s) | builtin:landscapes")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for shard-NNNNNN.tar and manifest.json")] = None,
+    size: Annotated[int | None, typer.Option(help="smaller side resized to this (default: the tokenizer's resolution)")] = None,
+    keep_aspect: Annotated[bool, typer.Option(help="keep the aspect ratio (sides cut to a multiple of f) instead of a centre square")] = False,
+    batch_size: Annotated[int, typer.Option(help="images per encoder forward")] = 32,
+    workers: Annotated[int, typer.Option(help="loader processes decoding and resizing")] = 2,
+    shard_size: Annotated[int, typer.Option(help="input images per shard")] = 1000,
+    flip_copies: Annotated[bool, typer.Option(help="also store the tokens of each mirrored image")] = False,
+    limit: Annotated[int | None, typer.Option(help="first N images only (builtin: N scenes)")] = None,
+    root: Annotated[str | None, typer.Option(help="base folder of relative paths in a file list")] = None,
+    cond: Annotated[str | None, typer.Option(help="seg | depth (with --cond-tokenizer) | labels (raw maps on the token grid) | lowres:S")] = None,
+    cond_tokenizer: Annotated[str | None, typer.Option(help="tokenizer of the conditioning maps (or of the low-res copy)")] = None,
+    cond_data: Annotated[str | None, typer.Option(help="folder of maps paired with the images by file stem")] = None,
+    n_labels: Annotated[int | None, typer.Option(help="label vocabulary of --cond labels on map files")] = None,
+    label_shift: Annotated[int, typer.Option(help="added to map labels mod 256 (COCO: 1)")] = 0,
+    labels: Annotated[str | None, typer.Option(help="class labels: 'folders' (parent folder names) or a CSV (id,label)")] = None,
+    missing: Annotated[str, typer.Option(help="an image without map or label: stop | skip")] = "stop",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="delete the folder's shards and start over")] = False,
+    verify: Annotated[Path | None, typer.Option(help="check every shard of this folder against its manifest, then exit")] = None,
+) -> None:
+    """Encode a data set into token shards for stage two. Re-running the same command resumes."""
+    import shlex
+
+    from vqgan_cli.encode import EncodeOptions, EncodeUsageError, encode_dataset, verify_shards
+    from vqgan_cli.train.reporting import summary_table
+
+    def go() -> None:
+        if verify is not None:
+            report = verify_shards(verify)
+            for p in report.problems:
+                console.print(f"[red]{p}[/]")
+            console.print(f"{verify}: {report.shards} shards, {report.samples} samples, "
+                          + ("[green]all good[/]" if report.ok else f"[red]{len(report.problems)} problem(s)[/]"))
+            if not report.ok:
+                raise typer.Exit(1)
+            return
+        if tokenizer is None or data is None or out is None:
+            raise EncodeUsageError("--tokenizer, --data and --out are required (or --verify DIR)")
+        r = encode_dataset(EncodeOptions(
+            tokenizer, data, str(out), size, keep_aspect, batch_size, workers, shard_size, flip_copies, limit,
+            root, cond, cond_tokenizer, cond_data, n_labels, label_shift, labels, missing, device, overwrite,
+            shlex.join(["vqgan", *sys.argv[1:]])))
+        console.print(summary_table("encode-dataset summary", {
+            "folder": str(r.out), "shards": r.shards, "samples": r.samples, "skipped inputs": r.skipped,
+            "grid": "x".join(map(str, r.grid)) if r.grid else "varies", "vocab size": r.vocab_size,
+            "encoded now": r.encoded_now, "images/s": r.images_per_s, "time": f"{r.seconds:.1f} s"}))
 
     run_guarded(go)
 

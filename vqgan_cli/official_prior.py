@@ -57,11 +57,11 @@ def infer_gpt_config(state: dict[str, torch.Tensor], source: str, n_head: int | 
     vocab, n_embd, block = tok.shape[0], tok.shape[1], pos.shape[1]
     for i in layers:
         mask = state.get(f"blocks.{i}.attn.mask")
-        if mask is not None and mask.shape[-1] == block and not torch.equal(
+        if mask is not None and not mask.is_meta and mask.shape[-1] == block and not torch.equal(
                 mask.reshape(block, block).bool(), torch.ones(block, block).tril().bool()):
             raise CheckpointError(f"{source}: key {p}blocks.{i}.attn.mask is not a causal mask "
                                   "(n_unmasked > 0 is not supported)")
-    t = (tcfg or {}).get("params", tcfg or {}) if tcfg else {}
+    t = get_param(tcfg, "params", {}) or {}
     where = f"{_P}.transformer_config.params"
     for key, value, ev in (("vocab_size", vocab, "tok_emb.weight"), ("n_embd", n_embd, "tok_emb.weight"),
                            ("block_size", block, "pos_emb"), ("n_layer", len(layers), "blocks.*")):
@@ -183,11 +183,11 @@ def build_prior(state: dict[str, torch.Tensor], source: str, model_yaml: dict | 
         cond.n_classes = gpt_cfg.vocab_size  # any class index below the vocabulary is a token
     cond_tok = None
     if cond.kind == "spatial":
-        cs_yaml = params.get("cond_stage_config")
-        cs_yaml = cs_yaml if isinstance(cs_yaml, dict) else fs_yaml \
-            if params.get("cond_stage_config") == "__is_first_stage__" else None
-        built = build_tokenizer(split_prefix(state, "cond_stage_model."), source,
-                                cs_yaml if isinstance(cs_yaml, dict) else None, yname, resolution,
+        node = params.get("cond_stage_config")
+        cs_yaml = node if isinstance(node, dict) else \
+            fs_yaml if node == "__is_first_stage__" and isinstance(fs_yaml, dict) else None
+        built = build_tokenizer(split_prefix(state, "cond_stage_model."), source, cs_yaml, yname,
+                                resolution if cs_yaml is None else None,
                                 "cond_stage_model.", unknown_index,
                                 f"{_P}.cond_stage_config.params")
         cond_tok = built.model
@@ -229,7 +229,6 @@ def build_prior(state: dict[str, torch.Tensor], source: str, model_yaml: dict | 
         side = res // first.model.factor
         grid = (side, side)
 
-    cond.key = cond.key if model_yaml is not None else "image"
     cfg = PriorConfig(gpt=gpt_cfg, cond=cond, grid=grid, permuter=perm_name,
                       first_stage_key=str(params.get("first_stage_key", "image")),
                       pkeep=float(params.get("pkeep", 1.0)))

@@ -8,8 +8,8 @@ below the horizon: a lake (mirrored, darkened reflections), a coast (sand beach)
 the high-frequency part stays within a few /255 so a small tokenizer can reach >= 20 dB PSNR.
 
 All noise is value noise interpolated separably (along x on the small lattice, then rows), so a
-256x256 scene costs a few dozen (H, W) array passes. Coordinates are in units of the image height, so the same seed gives the
-same scene at any resolution of the same aspect ratio.
+256x256 scene costs a few dozen (H, W) array passes. Coordinates are in units of the image height,
+so the same seed gives the same scene at any resolution of the same aspect ratio.
 """
 
 from __future__ import annotations

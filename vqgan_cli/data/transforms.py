@@ -148,7 +148,8 @@ def apply_geometry(arr: np.ndarray, geo: Geometry) -> np.ndarray:
     out = arr[b.top:b.top + b.size, b.left:b.left + b.size]
     if geo.flip:
         out = out[:, ::-1]
-    return np.ascontiguousarray(out)
+    out = np.ascontiguousarray(out)
+    return out if out.flags.writeable else out.copy()
 
 
 def image_to_tensor(rgb: np.ndarray) -> torch.Tensor:

@@ -82,6 +82,13 @@ class CodebookUsage:
         self.cursor = (self.cursor + 1) % self.window
         self.filled = min(self.filled + 1, self.window)
 
+    def state(self) -> dict:
+        """Tracking state for exact resume (kept out of the model's state dict on purpose)."""
+        return {"seen": self.seen, "filled": self.filled, "cursor": self.cursor}
+
+    def load(self, state: dict) -> None:
+        self.seen, self.filled, self.cursor = state["seen"], int(state["filled"]), int(state["cursor"])
+
     def usage(self) -> float:
         """Share of codes used at least once in the window; 0.0 before any training batch."""
         if self.seen is None or self.filled == 0:
@@ -114,6 +121,14 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("ema_embed_sum", self.embedding.weight.detach().clone())
         self.tracker = CodebookUsage(cfg.n_embed, cfg.usage_window)
         self.steps_unused: torch.Tensor | None = None  # (n_embed,) int64, training steps since use
+
+    def training_state(self) -> dict:
+        """Usage window and dead-code counters, saved with resume state so restarts stay exact."""
+        return {"usage": self.tracker.state(), "steps_unused": self.steps_unused}
+
+    def load_training_state(self, state: dict) -> None:
+        self.tracker.load(state["usage"])
+        self.steps_unused = state["steps_unused"]
 
     def set_step(self, step: int) -> None:
         """Nothing anneals in a plain VQ; present so every quantizer takes the trainer's step."""
@@ -231,6 +246,12 @@ class GumbelQuantizer(nn.Module):
         self.embed = nn.Embedding(cfg.n_embed, cfg.embed_dim)
         self.temperature = cfg.temperature
         self.tracker = CodebookUsage(cfg.n_embed, cfg.usage_window)
+
+    def training_state(self) -> dict:
+        return {"usage": self.tracker.state()}
+
+    def load_training_state(self, state: dict) -> None:
+        self.tracker.load(state["usage"])
 
     def set_step(self, step: int) -> None:
         """Anneal the temperature exponentially from ``temperature`` to ``temperature_end``."""

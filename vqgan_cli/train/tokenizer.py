@@ -79,7 +79,8 @@ def save_tokenizer_weights(path: Path, model: VQGAN, info: dict) -> Path:
 def _val_batches(recipe: TokenizerRecipe, rt: R.Runtime, n_labels: int | None):
     ds = build_dataset(recipe.data, "val", recipe.model.modality, n_labels, seed=recipe.train.seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=recipe.train.batch_size, shuffle=False,
-                                         num_workers=0, collate_fn=collate)
+                                         num_workers=0, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(0))  # spare the global RNG
     out = []
     for i, batch in enumerate(loader):
         if i >= recipe.train.val_batches:
@@ -108,8 +109,8 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
         loss_fn.to(memory_format=torch.channels_last)
     lr = learning_rate(cfg.base_lr, cfg.batch_size, cfg.accumulate, rt.world_size)
     opt_ae = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.5, 0.9))
-    disc = loss_fn.discriminator
-    opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
+    disc = loss_fn.discriminator  # None for tokenizers trained without the adversarial term
+    opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9)) if disc is not None else None
 
     ckpts = CheckpointManager(run_dir, cfg.keep_last)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=rt.is_main)
@@ -121,11 +122,10 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
         model.load_state_dict(read_weights(latest.weights).state_dict)
         state = ckpts.load(latest)
         opt_ae.load_state_dict(state["opt_ae"])
-        opt_d.load_state_dict(state["opt_d"])
-        disc.load_state_dict(state["discriminator"])
-        for name, buf in model.named_buffers():
-            if name in state.get("buffers", {}):
-                buf.copy_(state["buffers"][name])
+        if disc is not None:
+            opt_d.load_state_dict(state["opt_d"])
+            disc.load_state_dict(state["discriminator"])
+        model.quantize.load_training_state(state["quantizer"])
         step = int(state["step"])
         position = DataPosition(int(state["epoch"]), int(state["batch"]))
         guard = NonFiniteGuard(cfg.max_nonfinite, int(state["nonfinite"]), int(state["nonfinite_in_a_row"]))
@@ -161,15 +161,16 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
                           "(a random VGG); use it for tests only[/]")
 
     def save_checkpoint(at_step: int) -> None:
-        buffers = {k: v.detach().cpu().clone() for k, v in core.named_buffers()}
         rngs = _gather_rng(rt)
         if not rt.is_main:
             return
         state = {"step": at_step, "epoch": stream.position.epoch, "batch": stream.position.batch,
-                 "opt_ae": opt_ae.state_dict(), "opt_d": opt_d.state_dict(),
-                 "discriminator": disc.state_dict(), "buffers": buffers, "rng": rngs,
+                 "opt_ae": opt_ae.state_dict(), "quantizer": core.quantize.training_state(),
+                 "rng": rngs,
                  "nonfinite": guard.total, "nonfinite_in_a_row": guard.in_a_row,
                  "skipped": skipped_total}
+        if disc is not None:
+            state.update(opt_d=opt_d.state_dict(), discriminator=disc.state_dict())
         ckpts.save(at_step, state, lambda p: save_tokenizer_weights(p, core, {"step": at_step}))
 
     start_time, start_step = time.perf_counter(), step
@@ -189,7 +190,8 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
                 disc_factor = loss_fn.disc_factor_at(step)
                 use_disc = loss_fn.uses_discriminator and disc_factor > 0
                 opt_ae.zero_grad(set_to_none=True)
-                opt_d.zero_grad(set_to_none=True)
+                if opt_d is not None:
+                    opt_d.zero_grad(set_to_none=True)
                 finite, logs = True, {}
                 for micro in range(cfg.accumulate):
                     batch = stream.next()
@@ -203,7 +205,6 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
                         x = x.contiguous(memory_format=torch.channels_last)
                     last_micro = micro == cfg.accumulate - 1
                     with R.maybe_no_sync(train_model, not last_micro):
-                        disc.requires_grad_(False)
                         with amp:
                             out = train_model(x)
                             gl = loss_fn.generator_loss(x, out.x_hat, out.q_loss, step, core.last_layer)
@@ -212,7 +213,6 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
                             break
                         scaler.scale(gl.total / cfg.accumulate).backward()
                     if use_disc:
-                        disc.requires_grad_(True)
                         with amp:
                             dl = loss_fn.discriminator_loss(x, out.x_hat.detach(), step)
                         finite = not R.any_rank(not bool(torch.isfinite(dl.total)), rt)
@@ -233,10 +233,12 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
                     scaler.update()
                 else:
                     opt_ae.zero_grad(set_to_none=True)
-                    opt_d.zero_grad(set_to_none=True)
+                    if opt_d is not None:
+                        opt_d.zero_grad(set_to_none=True)
                     bar.log(f"[red]non-finite loss at step {step}: step skipped "
                             f"({guard.in_a_row} in a row, {guard.total} in all)[/]")
-                R.broadcast_buffers(disc, rt)
+                if disc is not None:
+                    R.broadcast_buffers(disc, rt)
                 step += 1
 
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -291,7 +293,7 @@ def _accumulate(logs: dict, values: dict, n: int) -> None:
     for k, v in values.items():
         if v is None:
             continue
-        logs[k] = logs.get(k, 0.0) + float(v) / n
+        logs[k] = logs.get(k, 0.0) + float(v.detach() if hasattr(v, "detach") else v) / n
 
 
 def _optimizer_step(opt: torch.optim.Optimizer, module: torch.nn.Module,

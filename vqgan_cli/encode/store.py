@@ -1,0 +1,286 @@
+"""The output folder of encode-dataset: manifest, crash-safe shard commits, resume and verify.
+
+Commit protocol for shard ``s`` (each step survives kill -9 at any moment):
+
+1. samples stream into ``.shard-s.tar.partial`` (never mistaken for a shard: other name);
+2. the partial is fsynced and hashed; the manifest (written atomically) records its entry;
+3. the partial is renamed to ``shard-s.tar``.
+
+On restart a recorded shard whose file is missing but whose partial matches the recorded
+sha256 is renamed into place (the crash fell between 2 and 3); every other partial is deleted
+and its shard encoded again. Recorded shards are never rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from vqgan_cli.checkpoints import atomic_write
+from vqgan_cli.data.shards import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    ShardError,
+    ShardWriter,
+    file_digest,
+    read_shard,
+    shard_name,
+)
+from vqgan_cli.encode.inputs import EncodeUsageError
+
+SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
+PARTIAL_RE = re.compile(r"^\.shard-(\d{6})\.tar\.partial$")
+
+
+def partial_name(index: int) -> str:
+    return f".{shard_name(index)}.partial"
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any work when the output folder cannot be created or written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise EncodeUsageError(f"{out}: output folder is not writable ({e.strerror or e})") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class OutputFolder:
+    """One shard folder and its manifest; all writes go through here."""
+
+    def __init__(self, out: Path, manifest: dict):
+        self.out = out
+        self.manifest = manifest
+
+    @property
+    def done(self) -> set[int]:
+        return {int(e["index"]) for e in self.manifest["shards"]}
+
+    def save(self) -> None:
+        entries = sorted(self.manifest["shards"], key=lambda e: e["index"])
+        self.manifest["shards"] = entries
+        self.manifest["skipped"] = [s for e in entries for s in e["skipped"]]
+        self.manifest["counts"] = {"samples": sum(e["count"] for e in entries),
+                                   "skipped": len(self.manifest["skipped"]),
+                                   "shards_done": len(entries)}
+        text = json.dumps(self.manifest, indent=1) + "\n"
+
+        def write(p: Path) -> None:
+            p.write_text(text)
+            p.chmod(0o644)  # mkstemp's 0600 would hide the manifest from other readers
+
+        atomic_write(self.out / MANIFEST, write)
+
+    def writer(self, index: int) -> ShardWriter:
+        return ShardWriter(self.out / partial_name(index))
+
+    def commit(self, index: int, writer: ShardWriter, items: tuple[int, int], skipped: list[dict]) -> dict:
+        """Steps 2 and 3 of the protocol; returns the manifest entry."""
+        sha = writer.close()
+        partial = self.out / partial_name(index)
+        entry = {"index": index, "name": shard_name(index), "count": writer.count, "sha256": sha,
+                 "bytes": partial.stat().st_size, "items": list(items), "skipped": skipped}
+        self.manifest["shards"] = [e for e in self.manifest["shards"] if e["index"] != index] + [entry]
+        self.save()
+        os.replace(partial, self.out / shard_name(index))
+        _fsync_dir(self.out)
+        return entry
+
+    def recover(self) -> list[str]:
+        """Finish interrupted commits, drop partials and unrecorded shards; returns notes."""
+        notes = []
+        kept = []
+        for e in self.manifest["shards"]:
+            final, partial = self.out / e["name"], self.out / partial_name(e["index"])
+            if final.is_file():
+                if final.stat().st_size != e["bytes"]:
+                    raise EncodeUsageError(
+                        f"{final}: size {final.stat().st_size} differs from the manifest's {e['bytes']}; "
+                        "the folder was changed by something else (run --verify, or --overwrite)")
+                kept.append(e)
+            elif partial.is_file() and file_digest(partial) == e["sha256"]:
+                os.replace(partial, final)
+                kept.append(e)
+                notes.append(f"completed the interrupted commit of {e['name']}")
+            else:
+                notes.append(f"{e['name']} is missing: encoding it again")
+        self.manifest["shards"] = kept
+        recorded = {e["name"] for e in kept}
+        for p in self.out.iterdir():
+            if PARTIAL_RE.match(p.name) or (SHARD_RE.match(p.name) and p.name not in recorded):
+                p.unlink()
+        self.save()
+        _fsync_dir(self.out)
+        return notes
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: manifest has {a!r}, this command {b!r}")
+    return out
+
+
+def clear(out: Path) -> None:
+    """--overwrite: remove what encode-dataset wrote (manifest, shards, partials) and nothing else."""
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        if p.name == MANIFEST or SHARD_RE.match(p.name) or PARTIAL_RE.match(p.name):
+            p.unlink() if p.is_file() else shutil.rmtree(p)
+
+
+def open_output(out: Path, manifest: dict, overwrite: bool) -> tuple[OutputFolder, list[str]]:
+    """Start a new folder, or resume one whose manifest records the same identity (tokenizers
+    and every setting that changes shard contents); a different one is refused."""
+    check_writable(out)
+    if overwrite:
+        clear(out)
+    path = out / MANIFEST
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise EncodeUsageError(f"{path}: corrupt manifest ({e}); pass --overwrite to start over") from None
+        if old.get("format") != MANIFEST_FORMAT:
+            raise EncodeUsageError(f"{path}: not an encode-dataset manifest; choose another --out")
+        diffs = _differences(old.get("identity", {}), manifest["identity"])
+        if any(d.startswith(("tokenizer_sha256", "cond_tokenizer_sha256")) for d in diffs):
+            was = (old.get("tokenizer") or {}).get("path")
+            raise EncodeUsageError(
+                f"{out} holds tokens of a different tokenizer (made with {was}; weights differ from "
+                f"{manifest['tokenizer']['path']}); tokens of two tokenizers cannot share a folder: "
+                "use another --out, or --overwrite to start over")
+        if diffs:
+            raise EncodeUsageError(
+                f"{out} holds shards made with a different tokenizer or settings:\n  - "
+                + "\n  - ".join(diffs) + "\nuse another --out, or --overwrite to start over")
+        old["command"], old["run"] = manifest["command"], manifest["run"]
+        folder = OutputFolder(out, old)
+        return folder, folder.recover()
+    strays = sorted(p.name for p in out.iterdir() if SHARD_RE.match(p.name))
+    if strays:
+        raise EncodeUsageError(f"{out}: holds {strays[0]} (and {len(strays) - 1} more) but no {MANIFEST}; "
+                               "choose another --out or pass --overwrite")
+    folder = OutputFolder(out, manifest)
+    folder.recover()
+    return folder, []
+
+
+class VerifyReport(NamedTuple):
+    ok: bool
+    shards: int
+    samples: int
+    problems: list[str]
+
+
+def verify_folder(root: str | Path) -> VerifyReport:
+    """Check every shard against the manifest: presence, sha256, sample count, unique keys,
+    dtype, grid shape, token ranges, conditioning alignment and class labels."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{root}: no {MANIFEST}; not a token shard folder")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        return VerifyReport(False, 0, 0, [f"{path}: corrupt manifest ({e})"])
+    problems: list[str] = []
+    if m.get("format") != MANIFEST_FORMAT or m.get("version") != MANIFEST_VERSION:
+        problems.append(f"{path}: unknown format {m.get('format')!r} version {m.get('version')!r}")
+        return VerifyReport(False, 0, 0, problems)
+    entries = m.get("shards", [])
+    if not m.get("complete"):
+        problems.append(f"encoding unfinished: {len(entries)} of {m.get('n_shards')} shards")
+    n_embed, dtype = m["tokenizer"]["n_embed"], np.dtype(m["dtype"])
+    cond = m.get("cond") or None
+    grid = tuple(m["grid"]) if m.get("grid") else None
+    classes = set(((m.get("labels") or {}).get("table") or {}).values())
+    samples = 0
+    for e in entries:
+        p = root / e["name"]
+        if not p.is_file():
+            problems.append(f"{e['name']}: missing")
+            continue
+        if (sha := file_digest(p)) != e["sha256"]:
+            problems.append(f"{e['name']}: sha256 {sha[:12]}... differs from the manifest's {e['sha256'][:12]}...")
+        try:
+            found = _check_shard(p, n_embed, dtype, cond, grid, classes, m["identity"]["flip_copies"])
+        except ShardError as err:
+            problems.append(str(err))
+            continue
+        problems += [f"{e['name']}: {x}" for x in found.problems]
+        if found.samples != e["count"]:
+            problems.append(f"{e['name']}: {found.samples} samples, the manifest says {e['count']}")
+        samples += found.samples
+    recorded = {e["name"] for e in entries}
+    problems += [f"{p.name}: shard not recorded in the manifest" for p in sorted(root.iterdir())
+                 if SHARD_RE.match(p.name) and p.name not in recorded]
+    return VerifyReport(not problems, len(entries), samples, problems)
+
+
+class _ShardCheck(NamedTuple):
+    samples: int
+    problems: list[str]
+
+
+def _check_shard(path: Path, n_embed: int, dtype: np.dtype, cond: dict | None,
+                 grid: tuple | None, classes: set[int], flip: bool) -> _ShardCheck:
+    problems: list[str] = []
+    keys: set[str] = set()
+    n = 0
+    for s in read_shard(path):
+        n += 1
+        if s.key in keys:
+            problems.append(f"{s.key}: duplicate key")
+        keys.add(s.key)
+        grids = [("tokens", s.tokens, n_embed, dtype)]
+        if flip:
+            grids.append(("tokens_flip", s.tokens_flip, n_embed, dtype))
+        if cond:
+            cdt = np.dtype(cond["dtype"])
+            grids.append(("cond", s.cond, cond["vocab_size"], cdt))
+            if flip:
+                grids.append(("cond_flip", s.cond_flip, cond["vocab_size"], cdt))
+        for name, arr, vocab, dt in grids:
+            if arr is None:
+                problems.append(f"{s.key}: no {name}")
+                continue
+            if arr.dtype != dt or arr.ndim != 2 or (grid and tuple(arr.shape) != grid) \
+                    or arr.shape != s.tokens.shape:
+                problems.append(f"{s.key}: {name} is {arr.dtype} {arr.shape}, expected {dt} {grid or 'grid'}")
+            elif arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab):
+                problems.append(f"{s.key}: {name} values outside 0..{vocab - 1}")
+        if classes and s.label not in classes:
+            problems.append(f"{s.key}: class label {s.label} is not in the manifest's label table")
+        if len(problems) > 20:
+            problems.append("... (more problems not listed)")
+            break
+    return _ShardCheck(n, problems)
