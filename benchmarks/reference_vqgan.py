@@ -327,7 +327,8 @@ def _set_requires_grad(module: nn.Module, flag: bool) -> None:
 
 
 def reference_train_step(model: VQModel, loss: VQLPIPSWithDiscriminator, opt_ae: torch.optim.Optimizer,
-                         opt_d: torch.optim.Optimizer, x: torch.Tensor, global_step: int) -> tuple[float, float]:
+                         opt_d: torch.optim.Optimizer, x: torch.Tensor,
+                         global_step: int) -> tuple[float, float]:
     """One optimiser step of each network, the reference's way: the autoencoder runs twice.
 
     Returns the (generator, discriminator) losses as floats.

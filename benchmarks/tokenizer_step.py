@@ -165,7 +165,8 @@ class OursStep:
         self.variant = variant
         self.model = VQGAN(bench.model)
         with shared_lpips(lpips):
-            self.loss_fn = TokenizerLoss(bench.loss, bench.model.modality, bench.model.autoencoder.in_channels)
+            self.loss_fn = TokenizerLoss(bench.loss, bench.model.modality,
+                                         bench.model.autoencoder.in_channels)
         if variant.channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.loss_fn.to(memory_format=torch.channels_last)
@@ -233,7 +234,8 @@ def reference_model(cfg: TokenizerConfig) -> ref.VQModel:
                        legacy=q.beta_form == "legacy")
 
 
-def reference_loss(cfg: LossConfig, in_channels: int, lpips: torch.nn.Module | None) -> ref.VQLPIPSWithDiscriminator:
+def reference_loss(cfg: LossConfig, in_channels: int,
+                   lpips: torch.nn.Module | None) -> ref.VQLPIPSWithDiscriminator:
     return ref.VQLPIPSWithDiscriminator(
         lpips if cfg.perceptual_weight > 0 else None, disc_start=cfg.disc_start,
         codebook_weight=cfg.codebook_weight, perceptual_weight=cfg.perceptual_weight,
@@ -255,7 +257,8 @@ class ReferenceStep:
         self.step_count = 0
 
     def __call__(self, batch: torch.Tensor) -> dict:
-        g, d = ref.reference_train_step(self.model, self.loss, self.opt_ae, self.opt_d, batch, self.step_count)
+        g, d = ref.reference_train_step(self.model, self.loss, self.opt_ae, self.opt_d, batch,
+                                        self.step_count)
         self.step_count += 1
         return {"loss": g, "d_loss": d}
 
@@ -394,9 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: batch 2, 1 warm-up + 2 timed steps, no torch.compile (numbers mean little)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 10; --quick: 2)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 2; --quick: 1)")
+                   help="smoke run: batch 2, 1 warm-up + 2 timed steps, no torch.compile "
+                        "(numbers mean little)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per variant (default 10; --quick: 2)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warm-up steps per variant (default 2; --quick: 1)")
     p.add_argument("--compile-warmup", type=int, default=3, help="warm-up steps of the torch.compile variant")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     p.add_argument("--variants", default=None,

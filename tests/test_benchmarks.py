@@ -36,6 +36,15 @@ def bench():
     return _module("tokenizer_step")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These checks are tiny; one thread avoids thrashing when other jobs share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _tiny(beta_form: str = "legacy") -> TokenizerConfig:
     # Two levels (f2) with attention at 8x8 in the levels and in the mid blocks; 64 -> 32 channels
     # exercises nin_shortcut, Downsample and Upsample.
@@ -114,8 +123,9 @@ def test_reference_step_runs_the_autoencoder_twice_and_ours_once(bench):
 
 
 def test_benchmark_quick_runs_end_to_end():
-    proc = subprocess.run([sys.executable, str(BENCH / "tokenizer_step.py"), "--quick", "--configs", "quickstart"],
-                          capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, str(BENCH / "tokenizer_step.py"), "--quick", "--configs", "quickstart",
+           "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| quickstart ")]
     assert len(rows) == 5, proc.stdout  # reference + 4 eager variants (no compile in --quick)

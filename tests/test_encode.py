@@ -124,7 +124,7 @@ import torch
 torch.set_num_threads(1)
 from vqgan_cli.encode import EncodeOptions, encode_dataset
 encode_dataset(EncodeOptions(tokenizer=sys.argv[1], data="builtin:landscapes", out=sys.argv[2], size=16,
-               limit=400, batch_size=2, workers=1, shard_size=8, cond="labels"), progress=False)
+               limit=160, batch_size=2, workers=1, shard_size=4, cond="labels"), progress=False)
 """
 
 
@@ -155,8 +155,8 @@ def test_resume_after_kill9_gives_identical_shards(toks, tmp_path):
     subprocess.run(cmd, check=True, capture_output=True)
     assert not list(out.glob(".*partial"))
     ref = tmp_path / "ref"
-    encode_dataset(opts(toks, ref, limit=400, batch_size=2, shard_size=8, cond="labels"), progress=False)
-    assert shard_hashes(out) == shard_hashes(ref) and len(shard_hashes(ref)) == 50
+    encode_dataset(opts(toks, ref, limit=160, batch_size=2, shard_size=4, cond="labels"), progress=False)
+    assert shard_hashes(out) == shard_hashes(ref) and len(shard_hashes(ref)) == 40
     for name in shard_hashes(ref):
         assert (out / name).read_bytes() == (ref / name).read_bytes()
     assert verify_shards(out).ok
@@ -215,7 +215,8 @@ def test_labels_from_folders_and_csv(toks, tmp_path):
     csv.write_text("file,class\nzebra/1.png,7\n2.png,3\nant/3,3\n")
     with pytest.raises(EncodeUsageError, match="1 of 4 images have no class label"):
         encode_dataset(opts(toks, tmp_path / "c", data=str(src), labels=str(csv)), progress=False)
-    r = encode_dataset(opts(toks, tmp_path / "c", data=str(src), labels=str(csv), missing="skip"), progress=False)
+    r = encode_dataset(opts(toks, tmp_path / "c", data=str(src), labels=str(csv), missing="skip"),
+                       progress=False)
     m = read_manifest(tmp_path / "c")
     assert m.raw["labels"]["table"] == {"3": 3, "7": 7} and m.n_classes == 8  # integer ids keep their value
     got = {s.key: s.label for p in m.shard_paths() for s in read_shard(p)}
@@ -282,7 +283,8 @@ def test_usage_errors_exit_2_before_work(toks, tmp_path):
                             "--out", str(tmp_path / "o1")],
         "no image files": base + ["--data", str(empty), "--out", str(tmp_path / "o2")],
         "not writable": base + ["--data", "builtin:landscapes", "--limit", "2", "--out", str(blocker / "o")],
-        "needs --cond-tokenizer": base + ["--data", "builtin:landscapes", "--cond", "seg", "--out", str(tmp_path / "o3")],
+        "needs --cond-tokenizer": base + ["--data", "builtin:landscapes", "--cond", "seg",
+                                          "--out", str(tmp_path / "o3")],
         "not a multiple": base[:-1] + ["18", "--data", "builtin:landscapes", "--out", str(tmp_path / "o4")],
     }
     for expect, args in cases.items():
@@ -293,7 +295,8 @@ def test_usage_errors_exit_2_before_work(toks, tmp_path):
                                      "--cond", "labels", "--out", str(tmp_path / "ok"), "--workers", "0"])
     assert res.exit_code == 0, res.output
     cmd = json.loads((tmp_path / "ok" / MANIFEST).read_text())["command"]
-    assert cmd.startswith("vqgan") and "--cond labels" in cmd or "encode-dataset" in cmd
+    assert cmd.startswith("vqgan encode-dataset --tokenizer")
+    assert "--cond labels" in cmd and "--limit 3" in cmd
     res = runner.invoke(app, ["encode-dataset", "--tokenizer", str(toks["b"]), "--size", "16", "--data",
                               "builtin:landscapes", "--limit", "3", "--shard-size", "2", "--cond", "labels",
                               "--out", str(tmp_path / "ok")])

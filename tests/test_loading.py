@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_official import (KINDS, RES, assert_same_prior, assert_same_tokenizer, make_prior_case,
-                           make_tokenizer, save_lightning, tokenizer_state, tokenizer_yaml,
-                           write_yaml)
+from test_official import (
+    KINDS,
+    RES,
+    assert_same_prior,
+    assert_same_tokenizer,
+    make_prior_case,
+    make_tokenizer,
+    save_lightning,
+    tokenizer_state,
+    tokenizer_yaml,
+    write_yaml,
+)
 
 from vqgan_cli.checkpoints import CheckpointError, read_weights, weights_sha256
 from vqgan_cli.config import to_dict
-from vqgan_cli.loading import (convert_checkpoint, load_prior, load_tokenizer, save_prior,
-                               save_tokenizer)
+from vqgan_cli.loading import convert_checkpoint, load_prior, load_tokenizer, save_prior, save_tokenizer
 from vqgan_cli.official_tokenizer import install_remap
 
 
@@ -43,7 +51,8 @@ def test_our_tokenizer_keeps_its_remap(tmp_path):
     assert_same_tokenizer(src, got, cfg, lossless_tokens=False)
 
 
-@pytest.mark.parametrize("cond,permuter", [("spatial", "alternate"), ("class", "random"), ("sos", "identity")])
+@pytest.mark.parametrize("cond,permuter",
+                         [("spatial", "alternate"), ("class", "random"), ("sos", "identity")])
 def test_our_prior_round_trip(tmp_path, cond, permuter):
     src, first, _, _ = make_prior_case(cond, permuter)
     path = save_prior(tmp_path / "prior.safetensors", src)

@@ -23,7 +23,6 @@ from vqgan_cli.config import to_dict
 from vqgan_cli.loading import load_prior, load_tokenizer
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from vqgan_cli.models.gpt import GPTConfig
-from vqgan_cli.models.permuter import build_permuter
 from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.official_tokenizer import infer_tokenizer_config
 from vqgan_cli.prior import CondConfig, Prior, PriorConfig, StoredOrder
@@ -236,7 +235,8 @@ def _vq_file(tmp_path: Path, edit) -> Path:
 
 def test_missing_key_is_named(tmp_path):
     path = _vq_file(tmp_path, lambda s: s.pop("decoder.up.1.block.0.conv2.bias"))
-    with pytest.raises(CheckpointError, match=r"broken\.ckpt.*missing.*decoder\.up\.1\.block\.0\.conv2\.bias"):
+    with pytest.raises(CheckpointError,
+                       match=r"broken\.ckpt.*missing.*decoder\.up\.1\.block\.0\.conv2\.bias"):
         load_tokenizer(path, resolution=RES)
 
 
@@ -388,6 +388,20 @@ def test_transformer_loads_strictly_and_matches(tmp_path, cond, permuter, with_y
     assert_same_prior(src, got, first, tok, cond)
 
 
+def test_first_stage_as_cond_stage(tmp_path):
+    """``cond_stage_config: __is_first_stage__``: the same VQ model under both prefixes."""
+    _, first, state, node = make_prior_case("sos")
+    state.update({"cond_stage_model." + k[len("first_stage_model."):]: v
+                  for k, v in state.items() if k.startswith("first_stage_model.")})
+    node["params"]["cond_stage_config"] = "__is_first_stage__"
+    node["params"]["cond_stage_key"] = "image"
+    path = save_lightning(tmp_path / "t.ckpt", state)
+    got = load_prior(path, config=write_yaml(tmp_path / "t.yaml", node))
+    assert got.cond.kind == "spatial" and to_dict(got.cond.tokenizer) == to_dict(first.config)
+    x = model_input(first.config)
+    assert torch.equal(got.cond_tokens(x), first.encode(x).indices.reshape(2, -1))
+
+
 def test_unrecognised_order_is_kept_as_stored(tmp_path):
     src, first, state, _ = make_prior_case("sos")
     order = torch.randperm(GRID * GRID, generator=torch.Generator().manual_seed(5))
@@ -425,7 +439,8 @@ def test_transformer_stray_and_misshaped_keys(tmp_path):
     with pytest.raises(CheckpointError, match=r"b\.ckpt: unexpected key\(s\) ema\.decay"):
         load_prior(save_lightning(tmp_path / "b.ckpt", stray), n_head=2, resolution=RES)
     missing = {k: v for k, v in state.items() if k != "cond_stage_model.quant_conv.bias"}
-    with pytest.raises(CheckpointError, match=r"c\.ckpt: missing key\(s\) cond_stage_model\.quant_conv\.bias"):
+    with pytest.raises(CheckpointError,
+                       match=r"c\.ckpt: missing key\(s\) cond_stage_model\.quant_conv\.bias"):
         load_prior(save_lightning(tmp_path / "c.ckpt", missing), n_head=2, resolution=RES)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import pickle
 import subprocess
 import sys
 import types
@@ -15,8 +14,7 @@ import pytest
 import torch
 
 from vqgan_cli.checkpoints import CheckpointError
-from vqgan_cli.safe_pickle import (ForeignObject, UnsafeCheckpointError, load_official_checkpoint,
-                                   safe_load)
+from vqgan_cli.safe_pickle import ForeignObject, UnsafeCheckpointError, load_official_checkpoint, safe_load
 
 
 class _Reduces:
@@ -75,6 +73,7 @@ def test_raw_opcode_pickle_is_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_torchscript_archive_is_refused(tmp_path):
     path = tmp_path / "scripted.ckpt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))

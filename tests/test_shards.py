@@ -94,7 +94,7 @@ def test_write_read_equality_and_reproducible_bytes(tmp_path):
     assert paths[0].read_bytes() == paths[1].read_bytes()  # content-only bytes: no mtimes or owners
     back = list(read_shard(paths[0]))
     assert [s.key for s in back] == [s.key for s in samples]
-    for a, b in zip(samples, back):
+    for a, b in zip(samples, back, strict=True):
         assert b.tokens.dtype == np.int16 and b.cond.dtype == np.uint8
         np.testing.assert_array_equal(a.tokens, b.tokens)
         np.testing.assert_array_equal(a.cond, b.cond)
@@ -132,7 +132,8 @@ def test_damaged_shard_is_a_shard_error(tmp_path):
 def test_manifest_gives_vocab_and_grid(tmp_path):
     root = write_folder(tmp_path / "s", _samples(5), per_shard=2)
     m = read_manifest(root)
-    assert (m.vocab_size, m.n_embed, m.cond_vocab, m.grid, m.num_samples, m.n_classes) == (300, 300, 20, (6, 8), 5, 5)
+    got = (m.vocab_size, m.n_embed, m.cond_vocab, m.grid, m.num_samples, m.n_classes)
+    assert got == (300, 300, 20, (6, 8), 5, 5)
     raw = json.loads((root / MANIFEST).read_text())
     raw["complete"] = False
     (root / MANIFEST).write_text(json.dumps(raw))
@@ -145,7 +146,7 @@ def test_reader_whole_grids_in_order(tmp_path):
     root = write_folder(tmp_path / "s", samples, per_shard=2)
     got = list(TokenShardDataset(root, crop=None, shuffle=False))
     assert [g["key"] for g in got] == [s.key for s in samples]
-    for g, s in zip(got, samples):
+    for g, s in zip(got, samples, strict=True):
         assert g["tokens"].dtype == torch.int64 and g["tokens"].shape == (6, 8)
         assert torch.equal(g["tokens"], torch.from_numpy(s.tokens.astype(np.int64)))
         assert g["label"] == s.label
@@ -163,8 +164,9 @@ def test_crops_are_aligned_between_tokens_and_cond(tmp_path):
         top, left = divmod(flat, 8)
         offsets.add((top, left))
         full = by_key[g["key"]]
-        assert torch.equal(g["tokens"], torch.from_numpy(full.tokens[top:top + 3, left:left + 5].astype(np.int64)))
-        assert torch.equal(g["cond"], torch.from_numpy(full.cond[top:top + 3, left:left + 5].astype(np.int64)))
+        window = (slice(top, top + 3), slice(left, left + 5))
+        assert torch.equal(g["tokens"], torch.from_numpy(full.tokens[window].astype(np.int64)))
+        assert torch.equal(g["cond"], torch.from_numpy(full.cond[window].astype(np.int64)))
     assert len(offsets) > 3  # crops really move
     with pytest.raises(ValueError, match="larger than the token grid"):
         TokenShardDataset(root, crop=(7, 2))

@@ -162,8 +162,8 @@ def test_ddp_two_cpu_processes_stay_identical(tmp_path):
         models, writes = [], []
         build = T.VQGAN
         T.VQGAN = lambda cfg: models.append(build(cfg)) or models[-1]
-        save = T.save_tokenizer_weights
-        T.save_tokenizer_weights = lambda *a: writes.append(1) or save(*a)
+        save = T.save_tokenizer
+        T.save_tokenizer = lambda *a: writes.append(1) or save(*a)
         T.train_tokenizer(tiny_recipe(pathlib.Path({str(tmp_path / "run")!r}),
                                       "train.max_steps=3", "train.ckpt_every=3"), "tiny")
         rank = int(os.environ["RANK"])

@@ -111,7 +111,7 @@ def reconstruct_cmd(
         for col in ("image", "PSNR dB", "SSIM", "written"):
             table.add_column(col)
         for item in report.items:
-            table.add_row(str(item.source), f"{item.psnr:.2f}", f"{item.ssim:.4f}", item.output.name)
+            table.add_row(item.source.name, f"{item.psnr:.2f}", f"{item.ssim:.4f}", item.output.name)
         table.add_row("[bold]mean", f"{report.mean_psnr:.2f}", f"{report.mean_ssim:.4f}", "")
         console.print(table)
         console.print(f"codebook usage: {report.codebook_usage:.1%} of "
@@ -126,27 +126,39 @@ def reconstruct_cmd(
 
 @app.command("encode-dataset")
 def encode_dataset_cmd(
-    tokenizer: Annotated[str | None, typer.Option(help="image tokenizer: our .safetensors or an official .ckpt")] = None,
-    data: Annotated[str | None, typer.Option(help="folder | file list .txt | tar shard(s) | builtin:landscapes")] = None,
+    tokenizer: Annotated[str | None, typer.Option(
+        help="image tokenizer: our .safetensors or an official .ckpt")] = None,
+    data: Annotated[str | None, typer.Option(
+        help="folder | file list .txt | tar shard(s) | builtin:landscapes")] = None,
     out: Annotated[Path | None, typer.Option(help="folder for shard-NNNNNN.tar and manifest.json")] = None,
-    size: Annotated[int | None, typer.Option(help="smaller side resized to this (default: the tokenizer's resolution)")] = None,
-    keep_aspect: Annotated[bool, typer.Option(help="keep the aspect ratio (sides cut to a multiple of f) instead of a centre square")] = False,
+    size: Annotated[int | None, typer.Option(
+        help="smaller side resized to this (default: the tokenizer's training resolution)")] = None,
+    keep_aspect: Annotated[bool, typer.Option(
+        help="keep the aspect ratio (sides cut to a multiple of f) instead of a centre square")] = False,
     batch_size: Annotated[int, typer.Option(help="images per encoder forward")] = 32,
     workers: Annotated[int, typer.Option(help="loader processes decoding and resizing")] = 2,
     shard_size: Annotated[int, typer.Option(help="input images per shard")] = 1000,
     flip_copies: Annotated[bool, typer.Option(help="also store the tokens of each mirrored image")] = False,
     limit: Annotated[int | None, typer.Option(help="first N images only (builtin: N scenes)")] = None,
     root: Annotated[str | None, typer.Option(help="base folder of relative paths in a file list")] = None,
-    cond: Annotated[str | None, typer.Option(help="seg | depth (with --cond-tokenizer) | labels (raw maps on the token grid) | lowres:S")] = None,
-    cond_tokenizer: Annotated[str | None, typer.Option(help="tokenizer of the conditioning maps (or of the low-res copy)")] = None,
-    cond_data: Annotated[str | None, typer.Option(help="folder of maps paired with the images by file stem")] = None,
-    n_labels: Annotated[int | None, typer.Option(help="label vocabulary of --cond labels on map files")] = None,
+    cond: Annotated[str | None, typer.Option(
+        help="seg | depth (both with --cond-tokenizer) | labels (raw label maps on the token grid) "
+             "| lowres:S")] = None,
+    cond_tokenizer: Annotated[str | None, typer.Option(
+        help="tokenizer of the conditioning maps (or of the low-res copy)")] = None,
+    cond_data: Annotated[str | None, typer.Option(
+        help="folder of maps paired with the images by file stem")] = None,
+    n_labels: Annotated[int | None, typer.Option(
+        help="label vocabulary of --cond labels on map files")] = None,
     label_shift: Annotated[int, typer.Option(help="added to map labels mod 256 (COCO: 1)")] = 0,
-    labels: Annotated[str | None, typer.Option(help="class labels: 'folders' (parent folder names) or a CSV (id,label)")] = None,
+    labels: Annotated[str | None, typer.Option(
+        help="class labels: 'folders' (parent folder names) or a CSV with id and label columns")] = None,
     missing: Annotated[str, typer.Option(help="an image without map or label: stop | skip")] = "stop",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="torch threads of the encoder on the CPU")] = None,
     overwrite: Annotated[bool, typer.Option(help="delete the folder's shards and start over")] = False,
-    verify: Annotated[Path | None, typer.Option(help="check every shard of this folder against its manifest, then exit")] = None,
+    verify: Annotated[Path | None, typer.Option(
+        help="check every shard of this folder against its manifest, then exit")] = None,
 ) -> None:
     """Encode a data set into token shards for stage two. Re-running the same command resumes."""
     import shlex
@@ -159,21 +171,49 @@ def encode_dataset_cmd(
             report = verify_shards(verify)
             for p in report.problems:
                 console.print(f"[red]{p}[/]")
-            console.print(f"{verify}: {report.shards} shards, {report.samples} samples, "
-                          + ("[green]all good[/]" if report.ok else f"[red]{len(report.problems)} problem(s)[/]"))
+            verdict = "[green]all good[/]" if report.ok else f"[red]{len(report.problems)} problem(s)[/]"
+            console.print(f"{verify}: {report.shards} shards, {report.samples} samples, {verdict}")
             if not report.ok:
                 raise typer.Exit(1)
             return
         if tokenizer is None or data is None or out is None:
             raise EncodeUsageError("--tokenizer, --data and --out are required (or --verify DIR)")
         r = encode_dataset(EncodeOptions(
-            tokenizer, data, str(out), size, keep_aspect, batch_size, workers, shard_size, flip_copies, limit,
-            root, cond, cond_tokenizer, cond_data, n_labels, label_shift, labels, missing, device, overwrite,
-            shlex.join(["vqgan", *sys.argv[1:]])))
+            tokenizer=tokenizer, data=data, out=str(out), size=size, keep_aspect=keep_aspect,
+            batch_size=batch_size, workers=workers, shard_size=shard_size, flip_copies=flip_copies,
+            limit=limit, root=root, cond=cond, cond_tokenizer=cond_tokenizer, cond_data=cond_data,
+            n_labels=n_labels, label_shift=label_shift, labels=labels, missing=missing, device=device,
+            threads=threads, overwrite=overwrite,
+            command=shlex.join(["vqgan", *sys.argv[1:]]) if "encode-dataset" in sys.argv else None))
         console.print(summary_table("encode-dataset summary", {
             "folder": str(r.out), "shards": r.shards, "samples": r.samples, "skipped inputs": r.skipped,
             "grid": "x".join(map(str, r.grid)) if r.grid else "varies", "vocab size": r.vocab_size,
             "encoded now": r.encoded_now, "images/s": r.images_per_s, "time": f"{r.seconds:.1f} s"}))
+
+    run_guarded(go)
+
+
+@app.command("convert")
+def convert_cmd(
+    src: Annotated[Path, typer.Argument(help="an official .ckpt (VQModel, GumbelVQ, cond stage or transformer)")],
+    out: Annotated[Path, typer.Argument(help="where to write our .safetensors checkpoint")],
+    config: Annotated[Path | None, typer.Option(help="the model's YAML shipped beside the .ckpt")] = None,
+    keep_training_state: Annotated[bool, typer.Option(
+        help="also keep loss.* weights and optimiser states (in <out>.training.safetensors)")] = False,
+    n_head: Annotated[int | None, typer.Option(help="transformer heads (not readable from shapes)")] = None,
+    cond_kind: Annotated[str | None, typer.Option(help="sos | class | spatial | coord, without a YAML")] = None,
+    n_classes: Annotated[int | None, typer.Option(help="classes of a class-conditional transformer")] = None,
+    resolution: Annotated[int | None, typer.Option(help="training resolution (places attention); default 256")] = None,
+) -> None:
+    """Convert an official checkpoint to our format, without running any code from the pickle."""
+    from vqgan_cli.loading import convert_checkpoint
+
+    def go() -> None:
+        path = convert_checkpoint(src, out, str(config) if config else None, keep_training_state,
+                                  n_head=n_head, cond_kind=cond_kind, n_classes=n_classes, resolution=resolution)
+        console.print(f"wrote {path}")
+        for extra in sorted(path.parent.glob(path.name.removesuffix(".safetensors") + ".*.safetensors")):
+            console.print(f"wrote {extra}")
 
     run_guarded(go)
 

@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from vqgan_cli.checkpoints import (CheckpointError, read_weights, save_weights,
-                                   weights_sha256)
+from vqgan_cli.checkpoints import CheckpointError, read_weights, save_weights, weights_sha256
 from vqgan_cli.config import ConfigError, from_dict, to_dict
 from vqgan_cli.models.config import TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN

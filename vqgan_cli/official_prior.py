@@ -23,8 +23,7 @@ from vqgan_cli.checkpoints import CheckpointError
 from vqgan_cli.models.gpt import GPTConfig
 from vqgan_cli.models.permuter import PERMUTERS, build_permuter
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.official import (get_param, mismatch, need, split_prefix, strict_load,
-                                target_name)
+from vqgan_cli.official import get_param, mismatch, need, split_prefix, strict_load, target_name
 from vqgan_cli.official_tokenizer import DEFAULT_RESOLUTION, build_tokenizer
 from vqgan_cli.prior import CondConfig, Prior, PriorConfig, StoredOrder
 

@@ -30,8 +30,7 @@ from vqgan_cli.config import ConfigError, from_dict, to_dict
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from vqgan_cli.models.quantizers import Quantized
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.official import (drop_training_keys, get_param, mismatch, need, strict_load,
-                                target_name)
+from vqgan_cli.official import drop_training_keys, get_param, mismatch, need, strict_load, target_name
 
 DEFAULT_RESOLUTION = 256
 REFERENCE_GUMBEL_KL = 1e-8  # GumbelVQ's default and the released f8 value
@@ -151,9 +150,12 @@ def _read_shapes(state: dict[str, torch.Tensor], source: str, prefix: str,
     else:
         raise CheckpointError(f"{source}: missing key {prefix}quantize.embedding.weight "
                               f"(or {prefix}quantize.embed.weight for GumbelVQ)")
+    # segmentation: the display-only colorize buffer names the label count; otherwise any
+    # channel count other than RGB (3) or depth (1) can only be one-hot labels
+    colorize = state.get("colorize")
     n_labels = None
-    if "colorize" in state and state["colorize"].ndim == 4:
-        n_labels = state["colorize"].shape[1] if state["colorize"].shape[1] == in_channels else None
+    if colorize is not None and colorize.ndim == 4 and colorize.shape[1] == in_channels:
+        n_labels = in_channels
     elif in_channels == out_channels and in_channels not in (1, 3):
         n_labels = in_channels
     ae = AutoencoderConfig(

@@ -51,7 +51,7 @@ class ForeignObject:
     foreign_module: str = ""
     foreign_name: str = ""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "ForeignObject":
+    def __new__(cls, *args: Any, **kwargs: Any) -> ForeignObject:
         obj = super().__new__(cls)
         obj.args, obj.kwargs, obj.state = args, kwargs, None
         obj.items, obj.listitems = {}, []

@@ -242,7 +242,7 @@ class Prepare:
             check_labels(mapped, self.n_labels, map_name)  # LabelError: never skipped
         image = resize_smaller_side(rgb, self.size, "image").array
         top, left, ch, cw = self.crop_box(*image.shape[:2])
-        crop = np.ascontiguousarray(image[top:top + ch, left:left + cw])
+        crop = np.array(image[top:top + ch, left:left + cw])  # a writable copy for torch
         out: dict = {"image": image_to_tensor(crop)}
         if mapped is not None:
             kind = "labels" if self.map_kind == "seg" else "depth"
@@ -260,7 +260,7 @@ def degrade(rgb: np.ndarray, factor: int) -> np.ndarray:
     h, w = rgb.shape[:2]
     small = Image.fromarray(rgb).resize((max(1, round(w / factor)), max(1, round(h / factor))),
                                         Image.Resampling.BICUBIC)
-    return np.asarray(small.resize((w, h), Image.Resampling.BICUBIC))
+    return np.array(small.resize((w, h), Image.Resampling.BICUBIC))
 
 
 def _read_at(path: str, offset: int, size: int) -> bytes:

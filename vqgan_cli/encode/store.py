@@ -168,7 +168,8 @@ def open_output(out: Path, manifest: dict, overwrite: bool) -> tuple[OutputFolde
         try:
             old = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise EncodeUsageError(f"{path}: corrupt manifest ({e}); pass --overwrite to start over") from None
+            raise EncodeUsageError(f"{path}: corrupt manifest ({e}); pass --overwrite to start over") \
+                from None
         if old.get("format") != MANIFEST_FORMAT:
             raise EncodeUsageError(f"{path}: not an encode-dataset manifest; choose another --out")
         diffs = _differences(old.get("identity", {}), manifest["identity"])
@@ -230,7 +231,8 @@ def verify_folder(root: str | Path) -> VerifyReport:
             problems.append(f"{e['name']}: missing")
             continue
         if (sha := file_digest(p)) != e["sha256"]:
-            problems.append(f"{e['name']}: sha256 {sha[:12]}... differs from the manifest's {e['sha256'][:12]}...")
+            problems.append(f"{e['name']}: sha256 {sha[:12]}... differs from the manifest's "
+                            f"{e['sha256'][:12]}...")
         try:
             found = _check_shard(p, n_embed, dtype, cond, grid, classes, m["identity"]["flip_copies"])
         except ShardError as err:

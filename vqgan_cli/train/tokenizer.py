@@ -17,10 +17,10 @@ from typing import NamedTuple
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from vqgan_cli.checkpoints import save_weights
 from vqgan_cli.config import spec, to_dict
 from vqgan_cli.data import DataConfig, build_dataset, collate, model_input
 from vqgan_cli.images import displayable, save_grid
+from vqgan_cli.loading import save_tokenizer
 from vqgan_cli.losses import LossConfig, TokenizerLoss
 from vqgan_cli.models.config import TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
@@ -37,9 +37,6 @@ from vqgan_cli.train.loop import (
 )
 from vqgan_cli.train.reporting import MetricsWriter, TrainProgress, console, summary_table
 from vqgan_cli.train.signals import StopRequest
-
-TOKENIZER_FORMAT = "vqgan-tokenizer"
-
 
 @dataclass
 class TokenizerRecipe:
@@ -70,10 +67,6 @@ class TrainResult(NamedTuple):
     skipped: int
     nonfinite: int
     stopped_by_signal: int | None  # exit code when a signal ended the run early
-
-
-def save_tokenizer_weights(path: Path, model: VQGAN, info: dict) -> Path:
-    return save_weights(path, model.state_dict(), TOKENIZER_FORMAT, to_dict(model.config), info)
 
 
 def _val_batches(recipe: TokenizerRecipe, rt: R.Runtime, n_labels: int | None):
@@ -171,7 +164,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
                  "skipped": skipped_total}
         if disc is not None:
             state.update(opt_d=opt_d.state_dict(), discriminator=disc.state_dict())
-        ckpts.save(at_step, state, lambda p: save_tokenizer_weights(p, core, {"step": at_step}))
+        ckpts.save(at_step, state, lambda p: save_tokenizer(p, core, {"step": at_step}))
 
     start_time, start_step = time.perf_counter(), step
     warned: set[str] = set()
@@ -277,7 +270,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
 
     final = run_dir / "tokenizer.safetensors"
     if rt.is_main and stopped is None:
-        save_tokenizer_weights(final, core, {"step": step, "run": str(run_dir), "val": val_result})
+        save_tokenizer(final, core, {"step": step, "run": str(run_dir), "val": val_result})
     seconds = time.perf_counter() - start_time
     result = TrainResult(run_dir, final, step, seconds, val_result, skipped_total, guard.total, stopped)
     if rt.is_main:

@@ -1,0 +1,148 @@
+"""The tokenizers encode-dataset runs: loading (with the weight hash that pins shards to them),
+the conditioning stage chosen by ``--cond``, and token computation with optional flip copies.
+
+``--cond labels`` is our addition for a conditioning stage without a trained segmentation
+tokenizer: the label map itself, nearest-downsampled to the token grid (the label at the centre
+pixel of every f x f cell), is the conditioning token grid, with vocabulary n_labels. The
+reference always tokenizes maps with a VQGAN; raw labels lose detail finer than a cell but need
+no second stage-one run and are exact where a small segmentation tokenizer would blur.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vqgan_cli.checkpoints import weights_sha256
+from vqgan_cli.config import to_dict
+from vqgan_cli.data.maps import one_hot
+from vqgan_cli.data.shards import token_dtype
+from vqgan_cli.encode.inputs import EncodeUsageError, builtin_classes
+from vqgan_cli.models.vqgan import VQGAN
+
+COND_KINDS = ("seg", "depth", "labels")  # plus lowres:S
+
+
+def vocab_of(model: VQGAN) -> int:
+    """Token vocabulary: the codebook, or the remapped size of an official model with ``used``."""
+    return int(getattr(model.quantize, "n_tokens", model.config.quantizer.n_embed))
+
+
+def load_for_encoding(path: str) -> tuple[VQGAN, dict]:
+    """(model, manifest description with the weights hash) of a tokenizer checkpoint."""
+    from vqgan_cli.loading import load_tokenizer
+
+    model = load_tokenizer(path)
+    info = {"path": str(path), "weights_sha256": weights_sha256(model.state_dict()),
+            "n_embed": vocab_of(model), "factor": model.factor, "modality": model.config.modality,
+            "config": to_dict(model.config)}
+    return model, info
+
+
+@dataclass
+class Cond:
+    """The conditioning stage: how its tokens are made and their vocabulary."""
+
+    kind: str
+    model: VQGAN | None
+    vocab: int
+    n_labels: int | None
+    lowres: int | None
+
+
+def parse_cond(kind: str | None, cond_tokenizer: str | None) -> tuple[str | None, int | None]:
+    """(kind, lowres factor) of ``--cond``; usage errors for impossible combinations."""
+    if kind is None and cond_tokenizer is not None:
+        raise EncodeUsageError("--cond-tokenizer needs --cond seg, depth or lowres:S")
+    if kind is None:
+        return None, None
+    if kind.startswith("lowres:"):
+        try:
+            s = int(kind.split(":", 1)[1])
+        except ValueError:
+            s = 0
+        if s < 2:
+            raise EncodeUsageError(f"--cond {kind}: expected lowres:S with an integer S >= 2")
+        return "lowres", s
+    if kind not in COND_KINDS:
+        raise EncodeUsageError(f"--cond {kind}: expected one of seg, depth, labels, lowres:S")
+    if kind in ("seg", "depth") and cond_tokenizer is None:
+        hint = " (or --cond labels for raw label maps on the token grid)" if kind == "seg" else ""
+        raise EncodeUsageError(f"--cond {kind} needs --cond-tokenizer (a {kind} tokenizer){hint}")
+    if kind == "labels" and cond_tokenizer is not None:
+        raise EncodeUsageError("--cond labels uses raw label maps; drop --cond-tokenizer or use --cond seg")
+    return kind, None
+
+
+def setup_cond(cond: str | None, cond_tokenizer: str | None, n_labels_opt: int | None, tok: VQGAN,
+               builtin: bool) -> tuple[Cond | None, dict | None]:
+    """Load and check the conditioning stage; returns it and its manifest description."""
+    kind, lowres = parse_cond(cond, cond_tokenizer)
+    if kind is None:
+        return None, None
+    model, info = (None, None)
+    if cond_tokenizer is not None:
+        model, info = load_for_encoding(cond_tokenizer)
+        want = {"seg": "segmentation", "depth": "depth", "lowres": "image"}[kind]
+        if model.config.modality != want:
+            raise EncodeUsageError(f"--cond-tokenizer {cond_tokenizer} is a {model.config.modality} "
+                                   f"tokenizer; --cond {cond} needs a {want} tokenizer")
+        if model.factor != tok.factor:
+            raise EncodeUsageError(f"--cond-tokenizer has factor {model.factor} but the image tokenizer "
+                                   f"{tok.factor}: conditioning tokens must share the image's grid")
+    if kind == "lowres" and model is None:
+        model = tok  # the image tokenizer encodes the low-resolution copy
+    n_labels = None
+    if kind in ("seg", "labels"):
+        if model is not None:
+            n_labels = model.config.n_labels
+            if n_labels_opt is not None and n_labels_opt != n_labels:
+                raise EncodeUsageError(f"--n-labels {n_labels_opt} differs from the cond tokenizer's "
+                                       f"{n_labels}")
+        else:
+            n_labels = n_labels_opt or (len(builtin_classes()) if builtin else None)
+            if n_labels is None:
+                raise EncodeUsageError("--cond labels on map files needs --n-labels (the label vocabulary)")
+        if builtin and n_labels < len(builtin_classes()):
+            raise EncodeUsageError(f"builtin:landscapes has {len(builtin_classes())} classes but n_labels "
+                                   f"is {n_labels}")
+    if kind == "depth" and builtin:
+        raise EncodeUsageError("builtin:landscapes has no depth maps")
+    vocab = vocab_of(model) if model is not None and kind != "labels" else int(n_labels or 0)
+    desc = {"kind": cond, "tokenizer": info if cond_tokenizer else None, "vocab_size": vocab,
+            "dtype": token_dtype(vocab).name, "n_labels": n_labels,
+            "classes": builtin_classes() if builtin and kind in ("seg", "labels") else None,
+            "note": {"labels": "raw label maps, nearest-downsampled to the token grid (the label at "
+                               "the centre pixel of each f x f cell); vocabulary = n_labels",
+                     "lowres": f"{lowres}x bicubic downsample then upsample, encoded by "
+                               f"{'the cond tokenizer' if cond_tokenizer else 'the image tokenizer'}"
+                     }.get(kind)}
+    return Cond(kind, model, vocab, n_labels, lowres), desc
+
+
+@torch.inference_mode()
+def tokens_of(model: VQGAN, x: torch.Tensor, flip: bool, seed: int) -> torch.Tensor:
+    """Token grids of ``x`` (and of its mirror image, appended), one forward for both."""
+    if flip:
+        x = torch.cat([x, x.flip(-1)])
+    if getattr(model.quantize, "unknown_index", None) != "random":
+        return model.encode(x).indices.cpu()
+    # an official tokenizer remapping unused codes at random: seed by position, so resumed runs agree
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return model.encode(x).indices.cpu()
+
+
+def cond_tokens_of(cond: Cond, maps: torch.Tensor, device: torch.device, flip: bool, f: int,
+                   seed: int) -> torch.Tensor:
+    """Conditioning token grids (flip copies appended) of a batch of maps or low-res images."""
+    m = maps.to(device, non_blocking=True)
+    if cond.kind == "labels":  # label at the centre pixel of every f x f cell
+        grids = [m[:, f // 2::f, f // 2::f]]
+        if flip:
+            grids.append(m.flip(-1)[:, f // 2::f, f // 2::f])
+        return torch.cat(grids).long().cpu()
+    if cond.kind == "seg":
+        m = one_hot(m.long(), cond.n_labels)  # type: ignore[arg-type]
+    return tokens_of(cond.model, m, flip, seed)  # type: ignore[arg-type]
