@@ -45,7 +45,9 @@ from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, Tokenize
 from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.train import runtime as R
 from vqgan_cli.train.loop import learning_rate
-from vqgan_cli.train.tokenizer import TokenizerRecipe, _accumulate, _optimizer_step
+from vqgan_cli.train.loop import accumulate_logs as _accumulate
+from vqgan_cli.train.loop import optimizer_step as _optimizer_step
+from vqgan_cli.train.tokenizer import TokenizerRecipe
 
 HERE = Path(__file__).resolve().parent
 QUICKSTART = HERE.parent / "recipes" / "quickstart.yaml"
@@ -344,10 +346,17 @@ def run_config(bench: Bench, variants: list[Variant], steps: int, warmup: int, c
     keys = [v.key for v in variants]
     for v in variants:  # warm-up, one variant after the other (compilation happens here)
         n = compile_warmup if v.compile else warmup
+        if v.compile:
+            torch._dynamo.utils.counters.clear()
         for _ in range(n):
             one(v.key, timed=False)
         if results[v.key].warmup_s:
             log(f"  {bench.name}/{v.key}: warm-up {', '.join(f'{t:.2f}' for t in results[v.key].warmup_s)} s")
+        if v.compile and results[v.key].error is None:
+            breaks = torch._dynamo.utils.counters["graph_break"]
+            shown = "; ".join(f"{reason.splitlines()[0][:90]} (x{k})" for reason, k in breaks.most_common(2))
+            tail = f": {shown}" if shown else ""
+            log(f"  {bench.name}/{v.key}: {sum(breaks.values())} graph break(s){tail}")
     for r in range(steps):  # timed steps, interleaved so that drift hits every variant alike
         order = keys[r % len(keys):] + keys[: r % len(keys)]
         for key in order:
@@ -429,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("vqgan_cli.perceptual").setLevel(logging.ERROR)  # the random-trunk warning: said below
+    torch._logging.set_logs(dynamo=logging.ERROR)  # graph-break warnings: counted and summarised instead
     batch = args.batch if args.batch is not None else (2 if args.quick else None)
 
     benches = {}

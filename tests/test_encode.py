@@ -314,3 +314,41 @@ def test_open_output_refuses_foreign_shards(tmp_path):
         open_output(tmp_path, {"identity": {}, "shards": []}, overwrite=False)
     folder, _ = open_output(tmp_path, {"identity": {}, "shards": [], "format": "x"}, overwrite=True)
     assert isinstance(folder, OutputFolder) and not (tmp_path / shard_name(0)).exists()
+
+
+def test_tar_shard_source_with_inline_maps(toks, tmp_path):
+    import io
+    import tarfile
+
+    rng = np.random.default_rng(1)
+    src = tmp_path / "src-000.tar"
+    with tarfile.open(src, "w") as tf:
+        for key, with_map in (("x/a", True), ("x/b", True), ("x/c", False)):
+            fields = {"jpg": rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)}
+            if with_map:
+                fields["seg.png"] = rng.integers(0, 8, (16, 20), dtype=np.uint8)
+            for ext, arr in fields.items():
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, "JPEG" if ext == "jpg" else "PNG")
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(buf.getvalue())
+                tf.addfile(info, io.BytesIO(buf.getvalue()))
+    with pytest.raises(EncodeUsageError, match="--n-labels"):
+        encode_dataset(opts(toks, tmp_path / "o", data=str(src), cond="labels"), progress=False)
+    r = encode_dataset(opts(toks, tmp_path / "o", data=str(src), cond="labels", n_labels=8, missing="skip"),
+                       progress=False)
+    assert (r.samples, r.skipped) == (2, 1)
+    m = read_manifest(tmp_path / "o")
+    assert m.raw["skipped"][0]["reason"] == "no paired conditioning map" and m.cond_vocab == 8
+    assert [s.key for s in read_shard(m.shard_paths()[0])] == ["x/a", "x/b"]
+
+
+def test_benchmark_script_runs(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_encode", Path(__file__).resolve().parents[1] / "benchmarks" / "encode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--quick", "--images", "4", "--workers", "0"])
+    assert out["images"] == 4 and out["ratio"] > 0 and np.isfinite(out["ratio"])

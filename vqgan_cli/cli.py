@@ -88,6 +88,25 @@ def train_tokenizer_cmd(
     run_guarded(go)
 
 
+@app.command("train-prior")
+def train_prior_cmd(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML, e.g. recipes/quickstart_prior.yaml")],
+    overrides: SetOption = None,  # type: ignore[assignment]
+    overwrite: Annotated[bool, typer.Option(help="start the run over instead of resuming it")] = False,
+) -> None:
+    """Train the transformer prior (stage two) on token shards. Re-running the same command resumes."""
+    from vqgan_cli.config import load_recipe
+    from vqgan_cli.train.prior import PriorRecipe, train_prior
+
+    def go() -> None:
+        r = load_recipe(PriorRecipe, recipe, overrides or [])
+        result = train_prior(r, recipe.stem, overwrite=overwrite)
+        if result.stopped_by_signal:
+            raise typer.Exit(result.stopped_by_signal)
+
+    run_guarded(go)
+
+
 @app.command("reconstruct")
 def reconstruct_cmd(
     images: Annotated[list[Path], typer.Argument(help="image files of any size")],
@@ -216,6 +235,103 @@ def convert_cmd(
             console.print(f"wrote {extra}")
 
     run_guarded(go)
+
+
+def _sample_guarded(fn: Callable[[], T]) -> T:
+    """run_guarded, plus sample/upscale's own usage errors (exit 2, before any sampling)."""
+    from vqgan_cli.sample_inputs import SampleUsageError
+
+    def inner() -> T:
+        try:
+            return fn()
+        except SampleUsageError as e:
+            raise _fail(str(e), 2) from None
+
+    return run_guarded(inner)
+
+
+def _sample_summary(title: str, r) -> None:  # noqa: ANN001 - a generate.SampleReport
+    from vqgan_cli.train.reporting import summary_table
+
+    for note in r.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(summary_table(title, {
+        "images": len(r.files), "first": str(r.files[0]) if r.files else "-",
+        "grid": str(r.grid) if r.grid else "-", "size": f"{r.size[0]}x{r.size[1]}",
+        "tokens drawn": r.tokens, "sampling time": f"{r.seconds:.1f} s",
+        "tokens/s": f"{r.tokens / max(r.seconds, 1e-9):.0f}"}))
+
+
+@app.command("sample")
+def sample_cmd(
+    prior: Annotated[str, typer.Option(help="prior checkpoint (.safetensors) or an official transformer .ckpt")],
+    tokenizer: Annotated[str | None, typer.Option(help="image tokenizer (default: the one the prior records)")] = None,
+    n: Annotated[int, typer.Option("--n", help="images to draw (per class with several --class)")] = 4,
+    batch_size: Annotated[int, typer.Option(help="images sampled together")] = 4,
+    seed: Annotated[int, typer.Option(help="image i uses seed + i")] = 0,
+    temperature: Annotated[float, typer.Option(help="logits are divided by it (> 0)")] = 1.0,
+    top_k: Annotated[int | None, typer.Option(help="keep the k most likely tokens")] = None,
+    top_p: Annotated[float | None, typer.Option(help="keep the smallest set with this much probability")] = None,
+    cfg_scale: Annotated[float, typer.Option(help="classifier-free guidance (priors trained with conditioning dropout)")] = 1.0,
+    classes: Annotated[list[int] | None, typer.Option("--class", help="class index (repeatable)")] = None,
+    cond: Annotated[str | None, typer.Option(help="conditioning map: segmentation/depth PNG, or builtin:landscapes:SEED")] = None,
+    size: Annotated[str | None, typer.Option(help="WxH pixels; beyond the training crop a sliding window is used")] = None,
+    init: Annotated[str | None, typer.Option(help="image to complete")] = None,
+    keep: Annotated[float, typer.Option(help="with --init: the top fraction of rows kept")] = 0.5,
+    window: Annotated[str, typer.Option(help="blockwise (cached, fast) | per-token (the reference's placement)")] = "blockwise",
+    cache: Annotated[bool, typer.Option(help="key/value cache at the crop size (--no-cache: full forward per token)")] = True,
+    decode: Annotated[str, typer.Option(help="auto | whole | tiles")] = "auto",
+    out: Annotated[Path, typer.Option(help="folder for the PNGs and their JSON sidecars")] = Path("samples"),
+    grid: Annotated[bool, typer.Option(help="also save all images side by side")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
+) -> None:
+    """Draw images from a prior: unconditional, class, map-conditioned, completion, any size."""
+    import shlex
+
+    from vqgan_cli.generate import SampleRequest, run_sample
+
+    def go() -> None:
+        r = run_sample(SampleRequest(
+            prior=prior, tokenizer=tokenizer, n=n, batch_size=batch_size, seed=seed,
+            temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+            classes=list(classes or []), cond=cond, size=size, init=init, keep=keep, window=window,
+            cache=cache, decode=decode, out=str(out), grid=grid, device=device,
+            command=shlex.join(["vqgan", *sys.argv[1:]]) if "sample" in sys.argv else None))
+        _sample_summary(f"samples in {out}", r)
+
+    _sample_guarded(go)
+
+
+@app.command("upscale")
+def upscale_cmd(
+    image: Annotated[Path, typer.Argument(help="the low-resolution image")],
+    prior: Annotated[str, typer.Option(help="a prior trained on encode-dataset --cond lowres:S shards")],
+    scale: Annotated[int, typer.Option(help="output size = S x input size")] = 4,
+    out: Annotated[Path, typer.Option(help="output PNG (with --n > 1: OUT_ii_seedS.png)")] = Path("upscaled.png"),
+    n: Annotated[int, typer.Option("--n", help="variants to draw")] = 1,
+    seed: Annotated[int, typer.Option(help="variant i uses seed + i")] = 0,
+    temperature: Annotated[float, typer.Option(help="logits are divided by it (> 0)")] = 1.0,
+    top_k: Annotated[int | None, typer.Option(help="keep the k most likely tokens")] = None,
+    top_p: Annotated[float | None, typer.Option(help="keep the smallest set with this much probability")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="image tokenizer (default: the one the prior records)")] = None,
+    window: Annotated[str, typer.Option(help="blockwise | per-token")] = "blockwise",
+    decode: Annotated[str, typer.Option(help="auto | whole | tiles")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
+) -> None:
+    """Stochastic super-resolution: sample a detailed image S times larger than IMAGE."""
+    import shlex
+
+    from vqgan_cli.generate import UpscaleRequest, run_upscale
+
+    def go() -> None:
+        r = run_upscale(UpscaleRequest(
+            prior=prior, image=str(image), scale=scale, out=str(out), n=n, seed=seed,
+            temperature=temperature, top_k=top_k, top_p=top_p, tokenizer=tokenizer, window=window,
+            decode=decode, device=device,
+            command=shlex.join(["vqgan", *sys.argv[1:]]) if "upscale" in sys.argv else None))
+        _sample_summary(f"upscaled {image}", r)
+
+    _sample_guarded(go)
 
 
 def _check_perceptual(r) -> None:  # noqa: ANN001 - a TokenizerRecipe

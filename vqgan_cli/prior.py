@@ -13,12 +13,20 @@ Conditioning kinds, as in the reference release:
 - ``class``: the class index itself is the single conditioning token (shared vocabulary);
 - ``spatial``: the raster tokens of a conditioning map encoded by ``cond_tokenizer``;
 - ``coord``: a [0, 1] coordinate map, area-downsampled by ``coord_down_factor`` and
-  quantized to ``round(coord_n_embed * c)`` (the reference's CoordStage).
+  quantized to ``round(coord_n_embed * c)`` (the reference's CoordStage);
+- ``labels`` (ours): a label map whose label at the centre pixel of every ``label_factor``
+  cell is the token (``encode-dataset --cond labels``): spatial conditioning without a second
+  tokenizer.
+
+Training additions (the reference's ``pkeep``, plus conditioning dropout for classifier-free
+guidance): :meth:`Prior.training_sequences` builds the corrupted inputs and clean targets,
+:meth:`Prior.training_loss` the cross-entropy over image positions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +38,8 @@ from vqgan_cli.models.gpt import GPT, GPTConfig
 from vqgan_cli.models.permuter import _IndexPermuter, build_permuter
 from vqgan_cli.models.vqgan import VQGAN
 
-COND_KINDS = ("sos", "class", "spatial", "coord")
+COND_KINDS = ("sos", "class", "spatial", "coord", "labels")
+SPATIAL_KINDS = ("spatial", "coord", "labels")
 
 
 @dataclass
@@ -45,9 +54,22 @@ class CondConfig:
     coord_down_factor: int | None = spec(None, ge=1, help="coord: area downsampling factor")
     key: str = spec("image", help="dataset key of the conditioning input")
     downsample_size: int = spec(-1, help="spatial: resize the map to this square size first (-1: no)")
+    n_labels: int | None = spec(None, ge=1, help="labels: label vocabulary")
+    label_factor: int | None = spec(None, ge=1, help="labels: pixels per token cell (the tokenizer's f)")
+    lowres_factor: int | None = spec(None, ge=2, help="spatial: degrade the image S times first "
+                                                      "(super-resolution, encode-dataset --cond lowres:S)")
+    null_token: int | None = spec(None, ge=0, help="token replacing every conditioning token when "
+                                                   "conditioning is dropped (classifier-free guidance)")
+
+    @property
+    def spatial(self) -> bool:
+        """Whether conditioning is a token grid aligned with the image grid."""
+        return self.kind in SPATIAL_KINDS
 
     def check(self) -> list[str]:
         problems = []
+        if self.kind == "labels" and (self.n_labels is None or self.label_factor is None):
+            problems.append("n_labels/label_factor: required for labels conditioning")
         if self.kind == "class" and self.n_classes is None:
             problems.append("n_classes: required for class conditioning")
         if self.kind == "spatial" and self.tokenizer is None:
@@ -68,9 +90,25 @@ class PriorConfig:
                                           "for an order carried only by the weights")
     first_stage_key: str = spec("image")
     pkeep: float = spec(1.0, ge=0.0, le=1.0, help="probability of keeping an input token")
+    image_vocab: int | None = spec(None, ge=1, help="image codebook size, when smaller than the "
+                                                    "shared vocabulary (pkeep draws from it)")
+    cond_dropout: float = spec(0.0, ge=0.0, lt=1.0, help="probability of replacing a sample's "
+                                                         "conditioning by cond.null_token in training")
+
+    @property
+    def n_image_tokens(self) -> int:
+        """Valid image tokens: the codebook, or the whole vocabulary when not recorded."""
+        return self.image_vocab if self.image_vocab is not None else self.gpt.vocab_size
 
     def check(self) -> list[str]:
         problems = []
+        if self.cond_dropout > 0 and self.cond.null_token is None:
+            problems.append("cond.null_token: required when cond_dropout > 0")
+        vocab = self.gpt.vocab_size
+        if self.cond.null_token is not None and self.cond.null_token >= vocab:
+            problems.append(f"cond.null_token: {self.cond.null_token} is outside the vocabulary of {vocab}")
+        if self.image_vocab is not None and self.image_vocab > vocab:
+            problems.append(f"image_vocab: {self.image_vocab} exceeds the vocabulary of {vocab}")
         if self.permuter not in ("identity",) and self.grid is None:
             problems.append("grid: required for a non-identity permuter")
         if self.grid is not None and len(self.grid) != 2:
@@ -145,6 +183,12 @@ class Prior(nn.Module):
             c = F.interpolate(c, scale_factor=1 / self.cond.coord_down_factor, mode="area")
             q = (self.cond.coord_n_embed * c.clamp(0.0, 1.0)).round().long()
             return q.reshape(q.shape[0], -1)
+        if kind == "labels":  # the label at the centre pixel of every f x f cell
+            f = self.cond.label_factor
+            labels = c.reshape(c.shape[0], *c.shape[-2:])[:, f // 2::f, f // 2::f]  # (B, h, w)
+            return labels.reshape(c.shape[0], -1).long()
+        if self.cond.lowres_factor is not None:
+            c = degrade_batch(c, self.cond.lowres_factor)
         if self.cond.downsample_size > -1:
             c = F.interpolate(c, size=(self.cond.downsample_size, self.cond.downsample_size))
         assert self.cond_tokenizer is not None
@@ -155,3 +199,62 @@ class Prior(nn.Module):
         order) after conditioning ``c``: input ``cat(c, z)[:, :-1]``, outputs from len(c)-1 on."""
         logits = self.gpt(torch.cat((c_tokens, z_tokens), dim=1)[:, :-1])  # (B, Lc+Lz-1, V)
         return logits[:, c_tokens.shape[1] - 1:]
+
+    def null_cond(self, batch_size: int, length: int) -> torch.Tensor:
+        """All-null conditioning (B, length): the unconditional branch of classifier-free guidance."""
+        if self.cond.null_token is None:
+            raise ValueError("this prior has no null token (trained without conditioning dropout)")
+        return torch.full((batch_size, length), self.cond.null_token, dtype=torch.long,
+                          device=self.gpt.head.weight.device)
+
+    def training_sequences(self, c_tokens: torch.Tensor, z_raster: torch.Tensor,
+                           generator: torch.Generator | None = None) -> TrainingSequences:
+        """Inputs and targets of one teacher-forced step (PAPER.md, stage two).
+
+        ``z_raster`` (B, h, w) or (B, h*w) is permuted to reading order; the targets are those
+        clean tokens. In training mode, each input image token is replaced with probability
+        ``1 - pkeep`` by a uniformly random image token, and each sample's conditioning with
+        probability ``cond_dropout`` by ``null_token`` (all of it: the whole map or label).
+        """
+        z = self.permute(z_raster)  # (B, Lz) reading order
+        z_in, c_in = z, c_tokens
+        if self.training and self.config.pkeep < 1.0:
+            keep = torch.rand(z.shape, generator=generator, device=z.device) < self.config.pkeep
+            noise = torch.randint(0, self.config.n_image_tokens, z.shape, generator=generator,
+                                  device=z.device)
+            z_in = torch.where(keep, z, noise)
+        if self.training and self.config.cond_dropout > 0:
+            drop = torch.rand(c_tokens.shape[0], 1, generator=generator,
+                              device=c_tokens.device) < self.config.cond_dropout  # (B, 1)
+            c_in = torch.where(drop, torch.full_like(c_tokens, self.cond.null_token), c_tokens)
+        return TrainingSequences(c_in, z_in, z)
+
+    def training_loss(self, c_tokens: torch.Tensor, z_raster: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean cross-entropy (nats per image token) of the teacher-forced prediction."""
+        seq = self.training_sequences(c_tokens, z_raster, generator)
+        logits = self(seq.cond, seq.image)  # (B, Lz, V)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), seq.targets.reshape(-1))
+
+
+class TrainingSequences(NamedTuple):
+    """One step's sequences: ``cond`` (B, Lc) and ``image`` (B, Lz) inputs, clean ``targets``."""
+
+    cond: torch.Tensor
+    image: torch.Tensor
+    targets: torch.Tensor
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """What the GPT reads: ``cat(c, z)[:, :-1]`` (B, Lc + Lz - 1)."""
+        return torch.cat((self.cond, self.image), dim=1)[:, :-1]
+
+
+def degrade_batch(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> the same images degraded like ``encode-dataset --cond lowres:S``
+    (PIL bicubic down then up), so sampling conditions on what training saw."""
+    from vqgan_cli.data.transforms import image_to_tensor, tensor_to_image
+    from vqgan_cli.encode.inputs import degrade
+
+    out = [image_to_tensor(degrade(tensor_to_image(img), factor)) for img in x.cpu()]
+    return torch.stack(out).to(x.device, x.dtype)

@@ -24,7 +24,7 @@ from vqgan_cli.data.dataset import IMAGE_FIELDS
 from vqgan_cli.data.landscapes import LANDSCAPE_CLASSES, render_landscape
 from vqgan_cli.data.maps import check_labels, read_map
 from vqgan_cli.data.sources import MapIndex, resolve_source, split_member_name
-from vqgan_cli.data.transforms import image_to_tensor, read_image, resize_smaller_side
+from vqgan_cli.data.transforms import read_image, resize_smaller_side
 
 MAP_FIELDS = ("seg.png", "depth.png")
 CSV_ID_COLUMNS = ("key", "id", "path", "file", "filename", "image")
@@ -243,15 +243,27 @@ class Prepare:
         image = resize_smaller_side(rgb, self.size, "image").array
         top, left, ch, cw = self.crop_box(*image.shape[:2])
         crop = np.array(image[top:top + ch, left:left + cw])  # a writable copy for torch
-        out: dict = {"image": image_to_tensor(crop)}
+        out: dict = {"image": rgb_bytes(crop)}
         if mapped is not None:
             kind = "labels" if self.map_kind == "seg" else "depth"
             m = resize_smaller_side(mapped, self.size, kind).array[top:top + ch, left:left + cw]
             out["map"] = (torch.from_numpy(m.astype(np.int16)) if kind == "labels"
                           else torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None])
         if self.lowres:
-            out["map"] = image_to_tensor(degrade(crop, self.lowres))
+            out["map"] = rgb_bytes(degrade(crop, self.lowres))
         return out
+
+
+def rgb_bytes(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> uint8 (3, H, W): workers hand over bytes, a quarter of the float32
+    traffic; :func:`to_model_range` makes the model input on the device."""
+    return torch.from_numpy(rgb).permute(2, 0, 1)
+
+
+def to_model_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1] with exactly the operations of
+    ``data.transforms.image_to_tensor`` (so tokens equal those of a float pipeline, bit for bit)."""
+    return x.float().div_(127.5).sub_(1.0)
 
 
 def degrade(rgb: np.ndarray, factor: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from vqgan_cli.checkpoints import weights_sha256
 from vqgan_cli.config import to_dict
 from vqgan_cli.data.maps import one_hot
 from vqgan_cli.data.shards import token_dtype
-from vqgan_cli.encode.inputs import EncodeUsageError, builtin_classes
+from vqgan_cli.encode.inputs import EncodeUsageError, builtin_classes, to_model_range
 from vqgan_cli.models.vqgan import VQGAN
 
 COND_KINDS = ("seg", "depth", "labels")  # plus lowres:S
@@ -145,4 +145,6 @@ def cond_tokens_of(cond: Cond, maps: torch.Tensor, device: torch.device, flip: b
         return torch.cat(grids).long().cpu()
     if cond.kind == "seg":
         m = one_hot(m.long(), cond.n_labels)  # type: ignore[arg-type]
+    elif cond.kind == "lowres":
+        m = to_model_range(m)
     return tokens_of(cond.model, m, flip, seed)  # type: ignore[arg-type]

@@ -23,7 +23,15 @@ from torch.utils.data import DataLoader
 from vqgan_cli.checkpoints import file_sha256
 from vqgan_cli.data import DataError
 from vqgan_cli.data.shards import MANIFEST_FORMAT, MANIFEST_VERSION, TokenSample, token_dtype
-from vqgan_cli.encode.inputs import EncodeUsageError, InputItem, Prepare, assign_labels, list_items, pair_maps
+from vqgan_cli.encode.inputs import (
+    EncodeUsageError,
+    InputItem,
+    Prepare,
+    assign_labels,
+    list_items,
+    pair_maps,
+    to_model_range,
+)
 from vqgan_cli.encode.loader import EncodeItems, collate_groups, shard_batches
 from vqgan_cli.encode.models import Cond, cond_tokens_of, load_for_encoding, setup_cond, tokens_of
 from vqgan_cli.encode.store import OutputFolder, open_output
@@ -213,7 +221,8 @@ def _encode_shards(folder: OutputFolder, items: list[InputItem], todo: list[int]
                 results: dict[int, TokenSample] = {}
                 for g in batch["groups"]:
                     n = len(g["pos"])
-                    idx = tokens_of(tok, g["image"].to(device, non_blocking=True), flip, first).numpy()
+                    x = to_model_range(g["image"].to(device, non_blocking=True))
+                    idx = tokens_of(tok, x, flip, first).numpy()
                     cidx = None
                     if cond is not None:
                         cidx = cond_tokens_of(cond, g["map"], device, flip, tok.factor, first).numpy()

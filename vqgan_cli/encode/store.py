@@ -152,6 +152,7 @@ def clear(out: Path) -> None:
     """--overwrite: remove what encode-dataset wrote (manifest, shards, partials) and nothing else."""
     if not out.is_dir():
         return
+    (out / MANIFEST).unlink(missing_ok=True)  # first: a half-cleared folder is never resumed
     for p in out.iterdir():
         if p.name == MANIFEST or SHARD_RE.match(p.name) or PARTIAL_RE.match(p.name):
             p.unlink() if p.is_file() else shutil.rmtree(p)
@@ -208,7 +209,7 @@ def verify_folder(root: str | Path) -> VerifyReport:
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
-        raise ShardError(f"{root}: no {MANIFEST}; not a token shard folder")
+        raise EncodeUsageError(f"{root}: no {MANIFEST}; not a token shard folder written by encode-dataset")
     try:
         m = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -224,7 +225,7 @@ def verify_folder(root: str | Path) -> VerifyReport:
     cond = m.get("cond") or None
     grid = tuple(m["grid"]) if m.get("grid") else None
     classes = set(((m.get("labels") or {}).get("table") or {}).values())
-    samples = 0
+    samples, seen = 0, set()
     for e in entries:
         p = root / e["name"]
         if not p.is_file():
@@ -239,6 +240,9 @@ def verify_folder(root: str | Path) -> VerifyReport:
             problems.append(str(err))
             continue
         problems += [f"{e['name']}: {x}" for x in found.problems]
+        if dup := seen & found.keys:
+            problems.append(f"{e['name']}: ids also stored in an earlier shard, e.g. {sorted(dup)[0]!r}")
+        seen |= found.keys
         if found.samples != e["count"]:
             problems.append(f"{e['name']}: {found.samples} samples, the manifest says {e['count']}")
         samples += found.samples
@@ -251,6 +255,7 @@ def verify_folder(root: str | Path) -> VerifyReport:
 class _ShardCheck(NamedTuple):
     samples: int
     problems: list[str]
+    keys: set[str]
 
 
 def _check_shard(path: Path, n_embed: int, dtype: np.dtype, cond: dict | None,
@@ -285,4 +290,4 @@ def _check_shard(path: Path, n_embed: int, dtype: np.dtype, cond: dict | None,
         if len(problems) > 20:
             problems.append("... (more problems not listed)")
             break
-    return _ShardCheck(n, problems)
+    return _ShardCheck(n, problems, keys)

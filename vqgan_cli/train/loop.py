@@ -1,7 +1,9 @@
-"""Loop machinery both stages share: run folder, resumable batch stream, non-finite guard."""
+"""Loop machinery both stages share: run folder, resumable batch stream, non-finite guard,
+learning-rate rules, optimiser steps and the per-rank RNG states a checkpoint keeps."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from vqgan_cli.config import ConfigError
+from vqgan_cli.train import runtime as R
 from vqgan_cli.train.runtime import Runtime
 
 # Recipe keys that may change between a run and its resumption without changing the result
@@ -158,3 +161,55 @@ class NonFiniteGuard:
 def learning_rate(base_lr: float, batch_size: int, accumulate: int, world_size: int) -> float:
     """The reference's scaling rule: base_lr x batch x accumulation x processes."""
     return base_lr * batch_size * accumulate * world_size
+
+
+def scheduled_lr(step: int, peak: float, warmup_steps: int, total_steps: int, schedule: str,
+                 min_ratio: float = 0.0) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warm-up to ``peak`` over
+    ``warmup_steps``, then ``constant`` or a ``cosine`` decay to ``min_ratio * peak`` at
+    ``total_steps``. Warm-up keeps early AdamW steps of a transformer from diverging."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak
+    if schedule != "cosine":
+        raise ValueError(f"unknown schedule {schedule!r}; use constant or cosine")
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def accumulate_logs(logs: dict, values: dict, n: int) -> None:
+    """Add ``values / n`` into ``logs`` (the mean over ``n`` micro-batches); skips None."""
+    for k, v in values.items():
+        if v is None:
+            continue
+        logs[k] = logs.get(k, 0.0) + float(v.detach() if hasattr(v, "detach") else v) / n
+
+
+def optimizer_step(opt: torch.optim.Optimizer, module: torch.nn.Module,
+                   scaler: torch.amp.GradScaler, clip: float | None) -> float | None:
+    """Unscale, clip (when asked) and step; returns the gradient norm before clipping."""
+    norm = None
+    if clip is not None:
+        scaler.unscale_(opt)
+        norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), clip))
+    scaler.step(opt)
+    return norm
+
+
+def gather_rng(rt: Runtime) -> list[dict]:
+    """Every rank's RNG state, for the checkpoint (each rank draws its own random numbers)."""
+    mine = R.rng_state()
+    if not rt.distributed:
+        return [mine]
+    import torch.distributed as dist
+
+    states: list = [None] * rt.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng(states: list[dict], rt: Runtime) -> None:
+    """This rank's RNG state from a checkpoint (rank 0's when the run had fewer processes)."""
+    R.set_rng_state(states[rt.rank] if rt.rank < len(states) else states[0])

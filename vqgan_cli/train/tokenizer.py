@@ -32,8 +32,12 @@ from vqgan_cli.train.loop import (
     BatchStream,
     DataPosition,
     NonFiniteGuard,
+    accumulate_logs,
+    gather_rng,
     learning_rate,
+    optimizer_step,
     prepare_run_dir,
+    restore_rng,
 )
 from vqgan_cli.train.reporting import MetricsWriter, TrainProgress, console, summary_table
 from vqgan_cli.train.signals import StopRequest
@@ -123,7 +127,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
         position = DataPosition(int(state["epoch"]), int(state["batch"]))
         guard = NonFiniteGuard(cfg.max_nonfinite, int(state["nonfinite"]), int(state["nonfinite_in_a_row"]))
         skipped_total = int(state["skipped"])
-        R.set_rng_state(state["rng"][rt.rank] if rt.rank < len(state["rng"]) else state["rng"][0])
+        restore_rng(state["rng"], rt)
         metrics.truncate_after(step)
         if rt.is_main:
             console.print(f"[green]resuming[/] {run_dir} from step {step} ({latest.weights.name})")
@@ -154,7 +158,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
                           "(a random VGG); use it for tests only[/]")
 
     def save_checkpoint(at_step: int) -> None:
-        rngs = _gather_rng(rt)
+        rngs = gather_rng(rt)
         if not rt.is_main:
             return
         state = {"step": at_step, "epoch": stream.position.epoch, "batch": stream.position.batch,
@@ -212,17 +216,17 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
                         if not finite:
                             break
                         scaler.scale(dl.total / cfg.accumulate).backward()
-                        _accumulate(logs, {"d_loss": dl.total, "logits_real": dl.logits_real,
+                        accumulate_logs(logs, {"d_loss": dl.total, "logits_real": dl.logits_real,
                                            "logits_fake": dl.logits_fake}, cfg.accumulate)
-                    _accumulate(logs, {"loss": gl.total, "nll": gl.nll, "rec": gl.rec, "perceptual": gl.perceptual,
+                    accumulate_logs(logs, {"loss": gl.total, "nll": gl.nll, "rec": gl.rec, "perceptual": gl.perceptual,
                                        "g_loss": gl.g_loss, "adaptive_weight": gl.adaptive_weight,
                                        "q_loss": gl.q_loss, "perplexity": out.perplexity}, cfg.accumulate)
                 guard.record(finite, step)
                 if finite:
-                    _optimizer_step(opt_ae, model, scaler, cfg.grad_clip)
+                    optimizer_step(opt_ae, model, scaler, cfg.grad_clip)
                     if use_disc:
                         R.average_gradients(disc, rt)
-                        _optimizer_step(opt_d, disc, scaler, cfg.grad_clip)
+                        optimizer_step(opt_d, disc, scaler, cfg.grad_clip)
                     scaler.update()
                 else:
                     opt_ae.zero_grad(set_to_none=True)
@@ -280,33 +284,6 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
         rows.update({f"val {k}": v for k, v in val_result.items()})
         console.print(summary_table("train-tokenizer summary", rows))
     return result
-
-
-def _accumulate(logs: dict, values: dict, n: int) -> None:
-    for k, v in values.items():
-        if v is None:
-            continue
-        logs[k] = logs.get(k, 0.0) + float(v.detach() if hasattr(v, "detach") else v) / n
-
-
-def _optimizer_step(opt: torch.optim.Optimizer, module: torch.nn.Module,
-                    scaler: torch.amp.GradScaler, clip: float | None) -> None:
-    if clip is not None:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
-    scaler.step(opt)
-
-
-def _gather_rng(rt: R.Runtime) -> list[dict]:
-    """Every rank's RNG state (each rank draws its own gumbel noise / restarts)."""
-    mine = R.rng_state()
-    if not rt.distributed:
-        return [mine]
-    import torch.distributed as dist
-
-    states: list = [None] * rt.world_size
-    dist.all_gather_object(states, mine)
-    return states
 
 
 @torch.no_grad()

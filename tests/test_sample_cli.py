@@ -1,0 +1,189 @@
+"""`vqgan sample` / `vqgan upscale` end to end on tiny random checkpoints: files, sidecars,
+byte-identical reruns, completion, and every bad input caught before sampling (exit 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from vqgan_cli.checkpoints import weights_sha256
+from vqgan_cli.cli import app
+from vqgan_cli.generate import SampleRequest, plan_sample, sample_batch, _options
+from vqgan_cli.loading import save_prior, save_tokenizer
+from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
+from vqgan_cli.models.gpt import GPTConfig
+from vqgan_cli.models.vqgan import VQGAN
+from vqgan_cli.prior import CondConfig, Prior, PriorConfig
+from vqgan_cli.sample_inputs import load_models
+
+runner = CliRunner()
+
+
+def tok_config() -> TokenizerConfig:
+    return TokenizerConfig(autoencoder=AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                                                         attn_resolutions=(), z_channels=8, resolution=8),
+                           quantizer=QuantizerConfig(n_embed=16, embed_dim=8))
+
+
+def make_prior(cond: CondConfig, vocab: int = 16, lc: int = 1, **kw) -> Prior:
+    gpt = GPTConfig(vocab_size=vocab, block_size=lc + 15, n_layer=1, n_head=2, n_embd=32)
+    prior = Prior(PriorConfig(gpt=gpt, cond=cond, grid=(4, 4), image_vocab=16, **kw)).eval()
+    with torch.no_grad():
+        for p in prior.gpt.parameters():
+            p.normal_(0, 0.3)
+    return prior
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    tok = VQGAN(tok_config()).eval()
+    save_tokenizer(d / "tok.safetensors", tok)
+    torch.manual_seed(1)
+    save_tokenizer(d / "other.safetensors", VQGAN(tok_config()))
+    info = {"tokenizer": "tok.safetensors", "tokenizer_sha256": weights_sha256(tok.state_dict())}
+    torch.manual_seed(2)
+    save_prior(d / "sos.safetensors", make_prior(CondConfig(kind="sos")), info)
+    save_prior(d / "class.safetensors", make_prior(CondConfig(kind="class", n_classes=5)), info)
+    labels = CondConfig(kind="labels", n_labels=8, label_factor=2, null_token=16)
+    save_prior(d / "labels.safetensors", make_prior(labels, 17, 16, cond_dropout=0.1), info)
+    sr = CondConfig(kind="spatial", tokenizer=tok_config(), lowres_factor=2)
+    save_prior(d / "sr.safetensors", make_prior(sr, 16, 16), info)
+    Image.fromarray(np.full((10, 10), 3, np.uint8)).save(d / "map10.png")
+    bad = np.zeros((8, 8), np.uint8)
+    bad[2, 2] = 9
+    Image.fromarray(bad).save(d / "bad_labels.png")
+    rgb = np.random.default_rng(0).integers(0, 255, (6, 8, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(d / "small.png")
+    return {p.stem: p for p in d.iterdir()}
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.size
+
+
+def png_pixels(path: Path) -> bytes:
+    with Image.open(path) as im:
+        return im.tobytes()
+
+
+def sample(*args: str) -> tuple[int, str]:
+    r = runner.invoke(app, ["sample", *args])
+    return r.exit_code, r.output
+
+
+def test_unconditional_files_sidecars_and_byte_identical_reruns(ckpts, tmp_path) -> None:
+    for run in ("a", "b"):
+        code, out = sample("--prior", str(ckpts["sos"]), "--n", "3", "--batch-size", "2",
+                           "--seed", "5", "--top-k", "8", "--out", str(tmp_path / run), "--grid")
+        assert code == 0, out
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
+    assert names == ["0000_seed5.png", "0001_seed6.png", "0002_seed7.png", "grid_seed5.png"]
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    side = json.loads((tmp_path / "a" / "0001_seed6.json").read_text())
+    assert side["seed"] == 6 and side["size"] == [8, 8] and side["settings"]["top_k"] == 8
+    assert side["checkpoints"]["tokenizer"].endswith("tok.safetensors")
+    assert len(side["checkpoints"]["prior_sha256"]) == 64
+    # image 1 alone, with its own seed, is the same picture
+    code, out = sample("--prior", str(ckpts["sos"]), "--n", "1", "--seed", "6", "--top-k", "8",
+                       "--out", str(tmp_path / "c"))
+    assert code == 0, out
+    assert png_pixels(tmp_path / "c" / "0000_seed6.png") == \
+        png_pixels(tmp_path / "a" / "0001_seed6.png")
+
+
+def test_class_and_map_conditioned_window_with_guidance(ckpts, tmp_path) -> None:
+    code, out = sample("--prior", str(ckpts["class"]), "--class", "1", "--class", "4", "--n", "1",
+                       "--out", str(tmp_path / "cls"))
+    assert code == 0, out
+    assert sorted(p.name for p in (tmp_path / "cls").glob("*.png")) == \
+        ["0000_class1_seed0.png", "0001_class4_seed1.png"]
+    code, out = sample("--prior", str(ckpts["labels"]), "--cond", "builtin:landscapes:3",
+                       "--size", "20x12", "--cfg-scale", "2", "--n", "2", "--out", str(tmp_path / "seg"))
+    assert code == 0, out
+    assert png_size(tmp_path / "seg" / "0001_seed1.png") == (20, 12)
+    code, out = sample("--prior", str(ckpts["labels"]), "--cond", str(ckpts["map10"]),
+                       "--size", "16x12", "--window", "per-token", "--out", str(tmp_path / "map"))
+    assert code == 0, out
+    assert "resized (nearest neighbour)" in out and "16x12" in out
+    assert png_size(tmp_path / "map" / "0000_seed0.png") == (16, 12)
+
+
+def test_completion_keeps_the_top_rows(ckpts, tmp_path) -> None:
+    init = np.random.default_rng(1).integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    Image.fromarray(init).save(tmp_path / "init.png")
+    models = load_models(ckpts["sos"], None, torch.device("cpu"))
+    for size in ("8x8", "16x12"):  # plain prefix, then the window
+        req = SampleRequest(prior=str(ckpts["sos"]), init=str(tmp_path / "init.png"), keep=0.5,
+                            size=size, n=2)
+        notes: list[str] = []
+        plan = plan_sample(req, models, notes)
+        toks = sample_batch(models, plan, _options(req, models), [0, 1])
+        rows = int(plan.known.sum()) // plan.grid[1]
+        assert rows == plan.grid[0] // 2
+        assert torch.equal(toks[:, :rows], plan.init.expand(2, -1, -1)[:, :rows])
+        assert not torch.equal(toks[:, rows:], plan.init.expand(2, -1, -1)[:, rows:])
+    assert any("resized" in n for n in notes) or size == "16x12"
+    code, out = sample("--prior", str(ckpts["sos"]), "--init", str(tmp_path / "init.png"),
+                       "--size", "16x12", "--out", str(tmp_path / "done"), "--n", "1")
+    assert code == 0, out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "15x12"], "nearest valid sizes: 14x12, 16x12"),
+    (["--size", "6x6"], "smaller than the prior's crop 8x8"),
+    (["--top-k", "0"], "--top-k must be in [1, 16]"),
+    (["--top-k", "17"], "--top-k must be in [1, 16]"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--cond", "builtin:landscapes:1"], "this prior is unconditional: drop --cond"),
+    (["--class", "2"], "this prior is unconditional: drop --class"),
+    (["--cfg-scale", "3"], "no null token"),
+    (["--tokenizer", "OTHER"], "is not the tokenizer"),
+])
+def test_bad_input_exits_2_before_sampling(ckpts, tmp_path, args, message) -> None:
+    args = [str(ckpts["other"]) if a == "OTHER" else a for a in args]
+    code, out = sample("--prior", str(ckpts["sos"]), "--out", str(tmp_path / "o"), *args)
+    assert code == 2, out
+    assert message in " ".join(out.split())
+    assert not list(tmp_path.glob("o/*.png"))
+
+
+@pytest.mark.parametrize("prior, args, message", [
+    ("class", ["--class", "5"], "--class 5 is out of range: the prior knows 5 classes"),
+    ("class", [], "pass --class"),
+    ("class", ["--cond", "x.png"], "use --class, not --cond"),
+    ("labels", [], "pass --cond MAP.png"),
+    ("labels", ["--cond", "BAD"], "label value 9 is outside 0..7"),
+    ("sos", [], None),
+])
+def test_conditioning_mismatches(ckpts, tmp_path, prior, args, message) -> None:
+    args = [str(ckpts["bad_labels"]) if a == "BAD" else a for a in args]
+    code, out = sample("--prior", str(ckpts[prior]), "--out", str(tmp_path / "o"), "--n", "1", *args)
+    if message is None:
+        assert code == 0, out
+        return
+    assert code == 2, out
+    assert message in " ".join(out.split())
+
+
+def test_upscale(ckpts, tmp_path) -> None:
+    r = runner.invoke(app, ["upscale", str(ckpts["small"]), "--prior", str(ckpts["sr"]), "--scale", "2",
+                            "--n", "2", "--out", str(tmp_path / "up.png")])
+    assert r.exit_code == 0, r.output
+    outs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert outs == ["up_00_seed0.png", "up_01_seed1.png"]
+    assert png_size(tmp_path / "up_00_seed0.png") == (16, 12)
+    r = runner.invoke(app, ["upscale", str(ckpts["small"]), "--prior", str(ckpts["sos"]),
+                            "--out", str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and "not a super-resolution prior" in " ".join(r.output.split())

@@ -1,0 +1,179 @@
+"""Autoregressive sampling from a prior's GPT: logit filtering, guidance, cached and plain decoding.
+
+PAPER.md: logits / temperature, top-k keeps the k largest, optional top-p, then a draw from the
+softmax. Two decisions make samples reproducible:
+
+- Every sample row owns a ``torch.Generator`` and each step draws one uniform number per row,
+  turned into a token by inverse-CDF lookup. The random stream therefore depends only on the
+  number of steps, never on how logits were computed, so the cached and the plain (uncached)
+  path produce identical tokens whenever their logits agree (they do in float32 on CPU).
+- Classifier-free guidance runs the conditional and the unconditional ("null") sequences as one
+  batch of 2B rows and mixes their logits, ``u + s * (c - u)``, before temperature and filtering.
+
+The window samplers (:mod:`vqgan_cli.window`) reuse :func:`pick_tokens` and :class:`Guided`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vqgan_cli.models.gpt import GPT, KVCache
+
+
+class SamplingError(ValueError):
+    """Settings or inputs that cannot be sampled; raised before any model work starts."""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How a token is drawn from the next-token logits."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    cfg_scale: float = 1.0
+    n_tokens: int | None = None  # draw only ids below this (the image codebook of a shared vocab)
+
+    def check(self, vocab_size: int) -> None:
+        """Raise a SamplingError naming every bad value (checked before sampling starts)."""
+        problems = []
+        if not self.temperature > 0:
+            problems.append(f"--temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and not 1 <= self.top_k <= vocab_size:
+            problems.append(f"--top-k must be in [1, {vocab_size}] (the vocabulary), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not self.cfg_scale >= 0:
+            problems.append(f"--cfg-scale must be >= 0, got {self.cfg_scale}")
+        if problems:
+            raise SamplingError("; ".join(problems))
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale != 1.0
+
+
+def make_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per sample row, so sample i depends only on its own seed."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def filter_logits(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
+    """Temperature, then top-k and top-p as -inf masks; ``logits`` (N, V) float."""
+    if opts.n_tokens is not None:
+        logits = logits[:, :opts.n_tokens]
+    logits = logits.float() / opts.temperature
+    if opts.top_k is not None and opts.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, opts.top_k, dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if opts.top_p is not None and opts.top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token once the mass before it already reaches top_p (the best one always stays)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= opts.top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def pick_tokens(logits: torch.Tensor, opts: SamplingOptions, generators: list[torch.Generator],
+                rows_per_generator: int = 1) -> torch.Tensor:
+    """Draw one token per row of ``logits`` (N, V); N = len(generators) * rows_per_generator.
+
+    Rows are grouped generator-major: rows [g*r, (g+1)*r) draw from generator g (r windows of
+    the same sample in the window sampler). Inverse CDF of one uniform per row.
+    """
+    probs = filter_logits(logits, opts).softmax(-1)  # (N, V)
+    u = torch.cat([torch.rand(rows_per_generator, generator=g) for g in generators])  # (N,)
+    cdf = probs.cumsum(-1)  # (N, V)
+    target = (u * cdf[:, -1]).to(cdf.dtype).unsqueeze(1).to(cdf.device)  # (N, 1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+class Guided:
+    """A GPT seen through classifier-free guidance: rows are doubled (conditional first, then
+    unconditional) on the way in, and logits mixed on the way out. ``scale == 1``: plain GPT."""
+
+    def __init__(self, gpt: GPT, scale: float = 1.0):
+        self.gpt = gpt
+        self.scale = scale
+
+    @property
+    def doubled(self) -> bool:
+        return self.scale != 1.0
+
+    def rows(self, batch: int) -> int:
+        return 2 * batch if self.doubled else batch
+
+    def join(self, cond_seq: torch.Tensor, null_seq: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) conditional and unconditional inputs -> the model's (rows, T) input."""
+        if not self.doubled:
+            return cond_seq
+        if null_seq is None:
+            raise SamplingError("--cfg-scale needs unconditional (null) conditioning tokens")
+        return torch.cat((cond_seq, null_seq))
+
+    def mix(self, logits: torch.Tensor) -> torch.Tensor:
+        """(rows, V) -> (B, V) guided logits."""
+        if not self.doubled:
+            return logits
+        c, u = logits.float().chunk(2)
+        return u + self.scale * (c - u)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return self.gpt.new_cache(self.rows(batch), max_len)
+
+    def full_last(self, seq: torch.Tensor) -> torch.Tensor:
+        """Logits of the last position from a plain forward over ``seq`` (rows, T)."""
+        return self.mix(self.gpt(seq)[:, -1])
+
+    def cached(self, seq: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed ``seq`` (rows, t) after the cached positions; logits of its last position."""
+        return self.mix(self.gpt.forward_cached(seq, cache)[:, -1])
+
+    def double(self, tokens: torch.Tensor) -> torch.Tensor:
+        """New image tokens (B, t) are the same for both halves of a guided batch."""
+        return torch.cat((tokens, tokens)) if self.doubled else tokens
+
+
+@torch.no_grad()
+def sample_sequence(gpt: GPT, cond: torch.Tensor, n_tokens: int, opts: SamplingOptions,
+                    generators: list[torch.Generator], prefix: torch.Tensor | None = None,
+                    null_cond: torch.Tensor | None = None, cached: bool = True) -> torch.Tensor:
+    """Sample ``n_tokens`` image tokens (reading order) after conditioning ``cond`` (B, Lc).
+
+    ``prefix`` (B, Lp): known first tokens (completion), kept and extended. ``cached``: prefill
+    once, then one token per step through the key/value cache; otherwise a full forward per
+    token (the reference's plain loop), which draws the very same tokens.
+    """
+    B, Lc = cond.shape
+    if len(generators) != B:
+        raise SamplingError(f"{len(generators)} generators for a batch of {B}")
+    if Lc + n_tokens - 1 > gpt.block_size:
+        raise SamplingError(f"{Lc} conditioning + {n_tokens} image tokens exceed the prior's "
+                            f"block size {gpt.block_size}")
+    g = Guided(gpt, opts.cfg_scale)
+    tokens = cond.new_zeros(B, 0) if prefix is None else prefix.long()
+    if tokens.shape[1] >= n_tokens:
+        return tokens[:, :n_tokens]
+    if not cached:
+        while tokens.shape[1] < n_tokens:
+            seq = g.join(torch.cat((cond, tokens), 1),
+                         None if null_cond is None else torch.cat((null_cond, tokens), 1))
+            nxt = pick_tokens(g.full_last(seq), opts, generators)
+            tokens = torch.cat((tokens, nxt[:, None]), 1)
+        return tokens
+    cache = g.new_cache(B, Lc + n_tokens - 1)
+    first = g.join(torch.cat((cond, tokens), 1),
+                   None if null_cond is None else torch.cat((null_cond, tokens), 1))
+    logits = g.cached(first, cache)
+    out = [tokens]
+    for step in range(tokens.shape[1], n_tokens):
+        nxt = pick_tokens(logits, opts, generators)[:, None]  # (B, 1)
+        out.append(nxt)
+        if step + 1 < n_tokens:
+            logits = g.cached(g.double(nxt), cache)
+    return torch.cat(out, 1)
