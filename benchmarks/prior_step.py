@@ -105,7 +105,8 @@ def quickstart_prior() -> Prior:
     """The quickstart prior's GPT on the quickstart shards' shape."""
     m = load_recipe(PriorRecipe, QUICKSTART).model
     n = GRID[0] * GRID[1]
-    gpt = GPTConfig(vocab_size=VOCAB, block_size=2 * n - 1, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd)
+    gpt = GPTConfig(vocab_size=VOCAB, block_size=2 * n - 1, n_layer=m.n_layer, n_head=m.n_head,
+                    n_embd=m.n_embd)
     cond = CondConfig(kind="labels", n_labels=N_LABELS, label_factor=8)
     return Prior(PriorConfig(gpt=gpt, cond=cond, grid=GRID, pkeep=m.pkeep, image_vocab=VOCAB))
 
@@ -121,7 +122,7 @@ def make_step(model: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch
         loss = F.cross_entropy(logits.flatten(0, 1).float(), z.reshape(-1))
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -152,7 +153,7 @@ def variants(prior: Prior, compile_: bool) -> dict[str, Callable]:
         def comp_fn(c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
             seq = comp.training_sequences(c, z)
             return compiled(seq.cond, seq.image)
-        out["ours bf16 + torch.compile"] = make_step(comp, comp_fn, torch.autocast("cpu", dtype=torch.bfloat16))
+        out["ours bf16 + torch.compile"] = make_step(comp, comp_fn, bf16)
     return out
 
 

@@ -83,20 +83,25 @@ def bench_window(preset: str, positions: int) -> None:
     opts = SamplingOptions(top_k=100)
     print(f"(b) 1280x832 segmentation-conditioned sample: {w}x{h} tokens, crop {crop[1]}x{crop[0]} "
           f"tokens, preset {preset}")
-    t0 = time.perf_counter()
-    sample_blockwise(gpt, cond, init, crop, opts, make_generators([0]))
-    block_s = time.perf_counter() - t0
+    times = {}
+    for precision in ("fp32", "bf16"):
+        t0 = time.perf_counter()
+        sample_blockwise(gpt, cond, init, crop, opts, make_generators([0]), precision=precision)
+        times[precision] = time.perf_counter() - t0
+    block_s = times["fp32"]
     t0 = time.perf_counter()
     sample_per_token(gpt, cond, init, crop, opts, make_generators([0]), limit=positions)
     part = time.perf_counter() - t0
     per_token_s = part / positions * h * w
-    print(f"    blockwise (cached, wavefront batches): {block_s:7.1f} s "
-          f"({h * w / block_s:.0f} tokens/s, {1000 * block_s / (h * w):.2f} ms/token)")
+    for precision, t in times.items():
+        print(f"    blockwise {precision} (cached, wavefront batches): {t:7.1f} s "
+              f"({h * w / t:.0f} tokens/s, {1000 * t / (h * w):.2f} ms/token)")
     print(f"    per-token (reference placement): EXTRAPOLATED from {positions} of {h * w} positions "
           f"timed ({part:.1f} s, {1000 * part / positions:.1f} ms per window forward): "
           f"{per_token_s:7.1f} s for the whole grid")
-    print(f"    blockwise is {per_token_s / block_s:.0f}x faster; cost per output token = "
-          f"{block_s / (h * w) / (part / positions):.1%} of a full-window forward")
+    print(f"    blockwise is {per_token_s / block_s:.0f}x faster in fp32 ({per_token_s / times['bf16']:.0f}x "
+          f"in bf16); cost per output token = {block_s / (h * w) / (part / positions):.1%} of a "
+          f"full-window forward (fp32)")
 
 
 def _child(preset: str, width: int, height: int) -> None:
@@ -134,7 +139,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="quickstart")
     ap.add_argument("--quick", action="store_true", help="64 tokens in (a), 20 positions in (b)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared, loaded CPU more threads spin and "
+                         "slow single-token steps down many times)")
     ap.add_argument("--per-token-positions", type=int, default=60)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--only", choices=("a", "b"), default=None)

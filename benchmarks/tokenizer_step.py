@@ -44,8 +44,8 @@ from vqgan_cli.losses import LossConfig, TokenizerLoss
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.train import runtime as R
-from vqgan_cli.train.loop import learning_rate
 from vqgan_cli.train.loop import accumulate_logs as _accumulate
+from vqgan_cli.train.loop import learning_rate
 from vqgan_cli.train.loop import optimizer_step as _optimizer_step
 from vqgan_cli.train.tokenizer import TokenizerRecipe
 
@@ -176,7 +176,8 @@ class OursStep:
         self.opt_ae = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=lr,
                                        betas=(0.5, 0.9))
         self.disc = self.loss_fn.discriminator
-        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=lr, betas=(0.5, 0.9))
+        self.opt_d = (torch.optim.Adam(self.disc.parameters(), lr=lr, betas=(0.5, 0.9))
+                      if self.disc is not None else None)
         self.train_model: torch.nn.Module = torch.compile(self.model) if variant.compile else self.model
         self.amp = R.autocast(R.Runtime(torch.device("cpu")), variant.precision)
         with warnings.catch_warnings():  # "cuda" scaler on a CPU machine: disabled, as in the loop
@@ -193,19 +194,18 @@ class OursStep:
         disc_factor = loss_fn.disc_factor_at(step)
         use_disc = loss_fn.uses_discriminator and disc_factor > 0
         self.opt_ae.zero_grad(set_to_none=True)
-        self.opt_d.zero_grad(set_to_none=True)
+        if self.opt_d is not None:
+            self.opt_d.zero_grad(set_to_none=True)
         logs: dict = {}
         x = batch
         if self.variant.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        disc.requires_grad_(False)
         with amp:
             out = self.train_model(x)
             gl = loss_fn.generator_loss(x, out.x_hat, out.q_loss, step, core.last_layer)
         finite = bool(torch.isfinite(gl.total))
         scaler.scale(gl.total).backward()
         if use_disc:
-            disc.requires_grad_(True)
             with amp:
                 dl = loss_fn.discriminator_loss(x, out.x_hat.detach(), step)
             finite = finite and bool(torch.isfinite(dl.total))
@@ -289,12 +289,17 @@ class Result:
     variant: str
     label: str
     times: list[float] = dataclasses.field(default_factory=list)
+    cpu_times: list[float] = dataclasses.field(default_factory=list)  # process CPU seconds, all threads
     warmup_s: list[float] = dataclasses.field(default_factory=list)
     error: str | None = None
 
     @property
     def median(self) -> float | None:
         return statistics.median(self.times) if self.times and self.error is None else None
+
+    @property
+    def cpu_median(self) -> float | None:
+        return statistics.median(self.cpu_times) if self.cpu_times and self.error is None else None
 
 
 def _describe(e: BaseException) -> str:
@@ -332,16 +337,20 @@ def run_config(bench: Bench, variants: list[Variant], steps: int, warmup: int, c
         if res.error is not None:
             return
         try:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             logs = runners[key](batch)
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         except Exception as e:  # noqa: BLE001 - e.g. torch.compile failing on this machine
             res.error = _describe(e)
             log(f"  {bench.name}/{key}: failed ({res.error})")
             return
         if not all(bool(torch.isfinite(torch.tensor(float(val)))) for val in logs.values()):
             log(f"  {bench.name}/{key}: non-finite loss in this step ({logs})")
-        (res.times if timed else res.warmup_s).append(dt)
+        if timed:
+            res.times.append(dt)
+            res.cpu_times.append(cpu)
+        else:
+            res.warmup_s.append(dt)
 
     keys = [v.key for v in variants]
     for v in variants:  # warm-up, one variant after the other (compilation happens here)
@@ -369,16 +378,17 @@ def run_config(bench: Bench, variants: list[Variant], steps: int, warmup: int, c
 
 
 def table(results: list[Result], benches: dict[str, Bench]) -> str:
-    rows = [("config", "batch", "variant", "s/step", "images/s", "vs reference")]
+    rows = [("config", "batch", "variant", "s/step", "images/s", "vs reference", "cpu s/step")]
     for res in results:
         bench = benches[res.config]
         base = next((r.median for r in results if r.config == res.config and r.variant == "reference"), None)
         if res.error is not None:
-            rows.append((res.config, str(bench.batch), res.label, "failed", "-", f"n/a ({res.error})"))
+            rows.append((res.config, str(bench.batch), res.label, "failed", "-", f"n/a ({res.error})", "-"))
             continue
         m = res.median
         ratio = f"{base / m:.2f}x" if base and m else "n/a"
-        rows.append((res.config, str(bench.batch), res.label, f"{m:.3f}", f"{bench.batch / m:.1f}", ratio))
+        rows.append((res.config, str(bench.batch), res.label, f"{m:.3f}", f"{bench.batch / m:.1f}", ratio,
+                     f"{res.cpu_median:.3f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -449,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"VQGAN tokenizer training step: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{cpu_name()}, CPU")
     print(f"load average before: {_load()} (other busy processes on this machine distort timings)")
+    print("s/step: median wall-clock seconds; vs reference: reference s/step / variant s/step; "
+          "cpu s/step: median process CPU seconds (all threads)")
     print(f"median of {steps} timed step(s) after {warmup} warm-up step(s) "
           f"({args.compile_warmup} for torch.compile); variants interleaved round by round")
     print("a step = autoencoder + discriminator update, L1 + LPIPS + VQ + adaptive-weight GAN loss; "
@@ -481,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
             "steps": steps, "warmup": warmup, "quick": args.quick,
             "results": [{"config": r.config, "variant": r.variant, "label": r.label,
-                         "batch": benches[r.config].batch, "times_s": r.times, "warmup_s": r.warmup_s,
+                         "batch": benches[r.config].batch, "times_s": r.times, "cpu_s": r.cpu_times,
+                         "warmup_s": r.warmup_s,
                          "median_s": r.median, "error": r.error} for r in all_results],
         }, indent=2))
     return 0

@@ -33,7 +33,7 @@ SIZE = 16  # f = 4: a 4x4 token grid
 
 def tiny(seed: int, modality: str = "image", n_labels: int | None = None, n_embed: int = 64) -> VQGAN:
     torch.manual_seed(seed)
-    ch = n_labels if modality == "segmentation" else 3
+    ch = n_labels if modality == "segmentation" else (1 if modality == "depth" else 3)
     ae = AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), in_channels=ch,
                            out_channels=ch, resolution=SIZE, z_channels=8)
     model = VQGAN(TokenizerConfig(modality, n_labels, ae, QuantizerConfig(n_embed=n_embed, embed_dim=8)))
@@ -54,7 +54,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def toks(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("toks")
-    out = {"a": tiny(0), "b": tiny(1), "seg": tiny(2, "segmentation", 8)}
+    out = {"a": tiny(0), "b": tiny(1), "seg": tiny(2, "segmentation", 8), "depth": tiny(3, "depth")}
     return {k: save_tokenizer(d / f"{k}.safetensors", m) for k, m in out.items()}
 
 
@@ -153,7 +153,7 @@ def test_resume_after_kill9_gives_identical_shards(toks, tmp_path):
         proc.wait()
     assert kills >= 1
     subprocess.run(cmd, check=True, capture_output=True)
-    assert not list(out.glob(".*partial"))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no partials or temps
     ref = tmp_path / "ref"
     encode_dataset(opts(toks, ref, limit=160, batch_size=2, shard_size=4, cond="labels"), progress=False)
     assert shard_hashes(out) == shard_hashes(ref) and len(shard_hashes(ref)) == 40
@@ -352,3 +352,22 @@ def test_benchmark_script_runs(tmp_path):
     spec.loader.exec_module(bench)
     out = bench.main(["--quick", "--images", "4", "--workers", "0"])
     assert out["images"] == 4 and out["ratio"] > 0 and np.isfinite(out["ratio"])
+
+
+def test_depth_cond_tokens(toks, tmp_path):
+    from vqgan_cli.data.maps import depth_to_rgba, normalize_depth
+
+    src, maps = tmp_path / "imgs", tmp_path / "depth"
+    write_images(src, ["a.png"], sizes=[(16, 16)])
+    maps.mkdir()
+    depth = np.linspace(100, 6000, 256, dtype=np.float32).reshape(16, 16)
+    Image.fromarray(depth_to_rgba(depth), "RGBA").save(maps / "a.png")
+    with pytest.raises(EncodeUsageError, match="depth tokenizer"):
+        encode_dataset(opts(toks, tmp_path / "o", data=str(src), cond="depth",
+                            cond_tokenizer=str(toks["seg"]), cond_data=str(maps)), progress=False)
+    encode_dataset(opts(toks, tmp_path / "o", data=str(src), cond="depth", cond_tokenizer=str(toks["depth"]),
+                        cond_data=str(maps)), progress=False)
+    (s,) = read_shard(tmp_path / "o" / shard_name(0))
+    with torch.inference_mode():
+        want = load_tokenizer(toks["depth"]).encode(torch.from_numpy(normalize_depth(depth))[None, None])
+    np.testing.assert_array_equal(s.cond, want.indices[0].numpy())

@@ -56,10 +56,12 @@ def make_shards(root: Path, n: int = 48, grid=(4, 4), n_embed: int = 32, cond_vo
                         "bytes": (root / shard_name(s)).stat().st_size, "items": [start, start + w.count],
                         "skipped": []})
     manifest = {"format": MANIFEST_FORMAT, "version": 1, "complete": True,
-                "tokenizer": {"path": "tok.safetensors", "weights_sha256": sha, "n_embed": n_embed, "factor": 8},
+                "tokenizer": {"path": "tok.safetensors", "weights_sha256": sha, "n_embed": n_embed,
+                              "factor": 8},
                 "cond": ({"kind": "labels", "vocab_size": cond_vocab, "dtype": token_dtype(cond_vocab).name,
                           "n_labels": cond_vocab, "tokenizer": None} if cond_vocab else None),
-                "grid": list(grid), "labels": ({"names": [f"c{i}" for i in range(classes)]} if classes else None),
+                "grid": list(grid),
+                "labels": ({"names": [f"c{i}" for i in range(classes)]} if classes else None),
                 "identity": {"flip_copies": False}, "shards": entries, "n_shards": len(entries)}
     (root / MANIFEST).write_text(json.dumps(manifest))
     return root
@@ -134,7 +136,8 @@ def test_pkeep_corrupts_the_expected_share_and_keeps_targets():
 def test_cond_dropout_replaces_whole_samples_with_the_null_token():
     prior = tiny_prior("labels", null_token=19, cond_dropout=0.25)
     c = torch.arange(4).repeat(4000, 1)
-    seq = prior.training_sequences(c, torch.zeros(4000, 2, 2, dtype=torch.long), torch.Generator().manual_seed(1))
+    z = torch.zeros(4000, 2, 2, dtype=torch.long)
+    seq = prior.training_sequences(c, z, torch.Generator().manual_seed(1))
     dropped = (seq.cond == 19).all(1)
     assert torch.equal(seq.cond[~dropped], c[~dropped]) and ((seq.cond == 19).any(1) == dropped).all()
     assert dropped.float().mean().item() == pytest.approx(0.25, abs=0.03)
@@ -164,7 +167,7 @@ def test_held_out_split_is_by_key():
 def test_schedule_warmup_then_cosine():
     lrs = [scheduled_lr(s, 1.0, 2, 10, "cosine", 0.1) for s in range(10)]
     assert lrs[:2] == [0.5, 1.0] and lrs[2] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] > 0.1
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False)) and lrs[-1] > 0.1
     assert scheduled_lr(10, 1.0, 2, 10, "cosine", 0.1) == pytest.approx(0.1)
     assert scheduled_lr(5, 1.0, 0, 10, "constant") == 1.0
 
@@ -213,7 +216,9 @@ def test_resume_is_exact(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     la = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     lb = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s",)} for x in lines]  # noqa: E731
+    def strip(lines: list[str]) -> list[dict]:
+        return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]
+
     assert strip(la) == strip(lb)
 
 
@@ -224,7 +229,8 @@ def test_class_and_unconditional_runs(tmp_path):
     prior = load_prior(res.prior)
     assert prior.cond.kind == "class" and prior.cond.n_classes == 40
     assert prior.config.gpt.vocab_size == 41 and prior.cond.null_token == 40  # max(32, 40) + null
-    res = train_prior(tiny_recipe(root, tmp_path / "u", "model.cond=unconditional", "train.max_steps=2"), "tiny")
+    res = train_prior(tiny_recipe(root, tmp_path / "u", "model.cond=unconditional", "train.max_steps=2"),
+                      "tiny")
     prior = load_prior(res.prior)
     assert prior.cond.kind == "sos" and prior.config.gpt.block_size == 16
 
@@ -251,14 +257,16 @@ def _problems(recipe: PriorRecipe) -> str:
 
 def test_bad_input_is_refused_before_training(tmp_path):
     root = make_shards(tmp_path / "s")
-    msg = _problems(tiny_recipe(root, tmp_path / "r", f"data.tokenizer_sha256={'cd' * 32}", "data.crop=[5,5]"))
+    msg = _problems(tiny_recipe(root, tmp_path / "r", f"data.tokenizer_sha256={'cd' * 32}",
+                                "data.crop=[5,5]"))
     assert "encoded by a tokenizer with weights sha256" in msg and "larger than the token grid" in msg
     assert "class labels" in _problems(tiny_recipe(root, tmp_path / "r", "model.cond=class"))
     nocond = make_shards(tmp_path / "nocond", cond_vocab=None)
     assert "no conditioning tokens" in _problems(tiny_recipe(nocond, tmp_path / "r"))
     assert "no manifest.json" in _problems(tiny_recipe(tmp_path / "nowhere", tmp_path / "r"))
     (root / shard_name(1)).unlink()
-    assert "shard-000001.tar listed in the manifest is missing" in _problems(tiny_recipe(root, tmp_path / "r"))
+    msg = _problems(tiny_recipe(root, tmp_path / "r"))
+    assert "shard-000001.tar listed in the manifest is missing" in msg
     empty = make_shards(tmp_path / "empty", n=0)
     assert "holds no samples" in _problems(tiny_recipe(empty, tmp_path / "r"))
     other = make_shards(tmp_path / "other", n_embed=64)
@@ -272,9 +280,9 @@ def test_tokenizer_named_by_the_recipe_must_have_made_the_shards(tmp_path):
     from vqgan_cli.models.config import TokenizerConfig
     from vqgan_cli.models.vqgan import VQGAN
 
-    cfg = from_dict(TokenizerConfig, {"autoencoder": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
-                                                      "attn_resolutions": [], "z_channels": 4, "resolution": 16},
-                                      "quantizer": {"n_embed": 32, "embed_dim": 4}})
+    ae = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "z_channels": 4,
+          "resolution": 16}
+    cfg = from_dict(TokenizerConfig, {"autoencoder": ae, "quantizer": {"n_embed": 32, "embed_dim": 4}})
     tok = save_tokenizer(tmp_path / "tok.safetensors", VQGAN(cfg))
     msg = _problems(tiny_recipe(make_shards(tmp_path / "s"), tmp_path / "r", f"data.tokenizer={tok}"))
     assert "did not make the shards" in msg
@@ -293,7 +301,8 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path):
     data["data"].update(shards=str(root), crop=[9, 9])
     recipe.write_text(json.dumps(data))
     proc = subprocess.run([sys.executable, "-m", "vqgan_cli", "train-prior", str(recipe),
-                           "--set", f"train.out_dir={tmp_path / 'r'}"], capture_output=True, text=True, timeout=120)
+                           "--set", f"train.out_dir={tmp_path / 'r'}"],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "larger than the token grid" in proc.stderr
 
 

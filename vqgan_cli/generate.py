@@ -25,7 +25,7 @@ from vqgan_cli.sample_inputs import (Models, SampleUsageError, check_conditionin
                                      cond_grid, crop_grid, init_tokens, load_models, parse_size,
                                      read_cond_map, vocab_of)
 from vqgan_cli.sampling import SamplingError, SamplingOptions, make_generators, sample_sequence
-from vqgan_cli.window import WINDOW_MODES, Conditioning, sample_window
+from vqgan_cli.window import PRECISIONS, WINDOW_MODES, Conditioning, precision_context, sample_window
 
 
 @dataclass
@@ -48,7 +48,8 @@ class SampleRequest:
     keep: float = 0.5
     window: str = "blockwise"
     cache: bool = True
-    max_rows: int = 16
+    max_rows: int | None = None
+    precision: str = "fp32"
     decode: str = "auto"
     out: str = "samples"
     grid: bool = False
@@ -92,6 +93,8 @@ def _basic_checks(req: SampleRequest) -> None:
         problems.append(f"--window must be one of {', '.join(WINDOW_MODES)}, got {req.window!r}")
     if not 0 <= req.keep <= 1:
         problems.append(f"--keep must be in [0, 1], got {req.keep}")
+    if req.precision not in PRECISIONS:
+        problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, got {req.precision!r}")
     if req.decode not in ("auto", "whole", "tiles"):
         problems.append(f"--decode must be auto, whole or tiles, got {req.decode!r}")
     if problems:
@@ -160,7 +163,8 @@ def _fixed_cond(models: Models, classes: list[int | None]) -> torch.Tensor | Non
 
 @torch.no_grad()
 def sample_batch(models: Models, plan: Plan, opts: SamplingOptions, idx: list[int],
-                 window: str = "blockwise", cache: bool = True, max_rows: int = 16) -> torch.Tensor:
+                 window: str = "blockwise", cache: bool = True, max_rows: int | None = None,
+                 precision: str = "fp32") -> torch.Tensor:
     """Tokens (b, h, w) of the images ``idx`` of the plan."""
     prior = models.prior
     B, (h, w) = len(idx), plan.grid
@@ -175,7 +179,8 @@ def sample_batch(models: Models, plan: Plan, opts: SamplingOptions, idx: list[in
         prefix = None
         if plan.init is not None and plan.known is not None:
             prefix = prior.permute(plan.init.expand(B, h, w))[:, :int(plan.known.sum())]
-        seq = sample_sequence(prior.gpt, c, h * w, opts, gens, prefix, null, cached=cache)
+        with precision_context(prior.gpt, precision):
+            seq = sample_sequence(prior.gpt, c, h * w, opts, gens, prefix, null, cached=cache)
         return prior.unpermute(seq).reshape(B, h, w)
     cond = Conditioning(grid=spatial, fixed=fixed)
     if guided:
@@ -184,7 +189,8 @@ def sample_batch(models: Models, plan: Plan, opts: SamplingOptions, idx: list[in
         else:
             cond.null_fixed = prior.null_cond(B, 1)
     init = plan.init.expand(B, h, w) if plan.init is not None else torch.zeros(B, h, w, dtype=torch.long)
-    return sample_window(prior.gpt, cond, init.to(dev), plan.crop, opts, gens, plan.known, window, max_rows)
+    return sample_window(prior.gpt, cond, init.to(dev), plan.crop, opts, gens, plan.known, window, max_rows,
+                         precision)
 
 
 def _save_png(path: Path, image: torch.Tensor) -> None:
@@ -217,7 +223,8 @@ def run_sample(req: SampleRequest, models: Models | None = None) -> SampleReport
     for start in range(0, len(plan.seeds), req.batch_size):
         idx = list(range(start, min(start + req.batch_size, len(plan.seeds))))
         t0 = time.perf_counter()
-        tokens = sample_batch(models, plan, opts, idx, req.window, req.cache, req.max_rows)
+        tokens = sample_batch(models, plan, opts, idx, req.window, req.cache, req.max_rows,
+                              req.precision)
         seconds += time.perf_counter() - t0
         for k, i in enumerate(idx):
             pixels = decode_grid(models.tokenizer, tokens[k:k + 1], mode=req.decode).image[0].cpu()
@@ -253,7 +260,8 @@ class UpscaleRequest:
     top_p: float | None = None
     tokenizer: str | None = None
     window: str = "blockwise"
-    max_rows: int = 16
+    max_rows: int | None = None
+    precision: str = "fp32"
     decode: str = "auto"
     device: str = "cpu"
     command: str | None = None
@@ -300,6 +308,8 @@ def run_upscale(req: UpscaleRequest, models: Models | None = None) -> SampleRepo
         raise SampleUsageError(f"--n must be >= 1, got {req.n}")
     if req.window not in WINDOW_MODES:
         raise SampleUsageError(f"--window must be one of {', '.join(WINDOW_MODES)}, got {req.window!r}")
+    if req.precision not in PRECISIONS:
+        raise SampleUsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {req.precision!r}")
     notes: list[str] = []
     models = models or load_models(req.prior, req.tokenizer, resolve_device(req.device))
     n_img = vocab_of(models.tokenizer)
@@ -316,7 +326,7 @@ def run_upscale(req: UpscaleRequest, models: Models | None = None) -> SampleRepo
     files, seconds = [], 0.0
     for i in range(req.n):
         t0 = time.perf_counter()
-        tokens = sample_batch(models, plan, opts, [i], req.window, True, req.max_rows)
+        tokens = sample_batch(models, plan, opts, [i], req.window, True, req.max_rows, req.precision)
         seconds += time.perf_counter() - t0
         pixels = decode_grid(models.tokenizer, tokens, mode=req.decode).image[0].cpu()
         path = out if req.n == 1 else out.with_name(f"{out.stem}_{i:02d}_seed{plan.seeds[i]}{out.suffix or '.png'}")

@@ -9,6 +9,13 @@ the shards says what produced them; the prior reads vocab sizes and grid shape f
 
 Bytes are a function of content only (fixed member order, mtime 0, no user names), so an
 interrupted and resumed encode ends with the same files as an uninterrupted one.
+
+``manifest.json`` keys: ``tokenizer`` (path, weights_sha256, n_embed, factor, config), ``cond``
+(kind, tokenizer or null, vocab_size, dtype, n_labels, classes) or null, ``vocab_size`` (shared
+table: max of both), ``dtype``, ``grid`` ([h, w]; null when grids vary), ``labels`` (source,
+table name -> index, names, n_classes) or null, ``shards`` (index, name, count, sha256, bytes,
+items [first, end) of the inputs, skipped), ``skipped`` (id, path, reason), ``counts``,
+``complete``, ``command``, ``identity`` (what a resume must match) and ``run``.
 """
 
 from __future__ import annotations

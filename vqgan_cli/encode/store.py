@@ -38,6 +38,7 @@ from vqgan_cli.encode.inputs import EncodeUsageError
 
 SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
 PARTIAL_RE = re.compile(r"^\.shard-(\d{6})\.tar\.partial$")
+LEFTOVER_RE = re.compile(r"^\.(manifest\.json\..*\.tmp|write-probe\..*)$")  # atomic_write temps, probes
 
 
 def partial_name(index: int) -> str:
@@ -130,7 +131,8 @@ class OutputFolder:
         self.manifest["shards"] = kept
         recorded = {e["name"] for e in kept}
         for p in self.out.iterdir():
-            if PARTIAL_RE.match(p.name) or (SHARD_RE.match(p.name) and p.name not in recorded):
+            if PARTIAL_RE.match(p.name) or LEFTOVER_RE.match(p.name) \
+                    or (SHARD_RE.match(p.name) and p.name not in recorded):
                 p.unlink()
         self.save()
         _fsync_dir(self.out)
@@ -154,7 +156,7 @@ def clear(out: Path) -> None:
         return
     (out / MANIFEST).unlink(missing_ok=True)  # first: a half-cleared folder is never resumed
     for p in out.iterdir():
-        if p.name == MANIFEST or SHARD_RE.match(p.name) or PARTIAL_RE.match(p.name):
+        if p.name == MANIFEST or any(rx.match(p.name) for rx in (SHARD_RE, PARTIAL_RE, LEFTOVER_RE)):
             p.unlink() if p.is_file() else shutil.rmtree(p)
 
 

@@ -70,7 +70,8 @@ class PriorModelConfig:
                      help="unconditional (start token) | class (shard labels) | spatial (shard cond grids)")
     sos_token: int = spec(0, ge=0, help="unconditional: the start token (shares the image vocabulary)")
     cond_dropout: float = spec(0.0, ge=0.0, lt=1.0,
-                               help="replace a sample's conditioning by a null token (classifier-free guidance)")
+                               help="replace a sample's conditioning by a null token "
+                                    "(classifier-free guidance)")
     pkeep: float = spec(1.0, ge=0.0, le=1.0, help="keep each input image token with this probability")
     permuter: str = spec("identity", choices=tuple(PERMUTERS), help="token reading order")
 
@@ -159,7 +160,8 @@ def _val_batches(recipe: PriorRecipe, data: PriorData, cond, device: torch.devic
     ds = build_split(data, recipe.data, validation=True, seed=recipe.train.seed,
                      with_cond=data.cond.spatial)
     loader = torch.utils.data.DataLoader(ds, batch_size=recipe.train.batch_size, collate_fn=collate_tokens,
-                                         num_workers=0, generator=torch.Generator().manual_seed(0))  # spare the global RNG
+                                         num_workers=0,
+                                         generator=torch.Generator().manual_seed(0))  # spare the global RNG
     out = []
     for batch in loader:
         if len(out) >= recipe.train.val_batches:
@@ -219,7 +221,8 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
     train_model: torch.nn.Module = prior
     if rt.distributed:
         train_model = DistributedDataParallel(
-            prior, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, broadcast_buffers=False)
+            prior, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+            broadcast_buffers=False)
     if cfg.compile:
         train_model = torch.compile(train_model)
 
@@ -233,9 +236,11 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
     seq_len = pcfg.gpt.block_size
     info = {**data.info, "grid": list(pcfg.grid), "run": str(run_dir)}
     if rt.is_main:
-        console.print(f"[bold]{run_dir}[/]: {prior.gpt.num_params():,} GPT parameters, vocab {pcfg.gpt.vocab_size}, "
+        console.print(f"[bold]{run_dir}[/]: {prior.gpt.num_params():,} GPT parameters, "
+                      f"vocab {pcfg.gpt.vocab_size}, "
                       f"window {pcfg.grid[0]}x{pcfg.grid[1]} ({seq_len} tokens), cond {pcfg.cond.kind}, "
-                      f"{data.manifest.num_samples} samples; lr {peak:.3g}, device {rt.device}, {cfg.precision}")
+                      f"{data.manifest.num_samples} samples; lr {peak:.3g}, device {rt.device}, "
+                      f"{cfg.precision}")
         if not val_inputs:
             console.print("[yellow]no validation samples: raise data.val_fraction or give data.val[/]")
 
@@ -260,7 +265,8 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
                     stopped = stop.exit_code if stop.requested else 130
                     break
                 prior.train()
-                lr = scheduled_lr(step, peak, ocfg.warmup_steps, cfg.max_steps, ocfg.schedule, ocfg.min_lr_ratio)
+                lr = scheduled_lr(step, peak, ocfg.warmup_steps, cfg.max_steps, ocfg.schedule,
+                                  ocfg.min_lr_ratio)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 opt.zero_grad(set_to_none=True)
@@ -293,8 +299,9 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
 
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     now = time.perf_counter()
-                    rate = (step - window["step"]) * cfg.batch_size * cfg.accumulate * rt.world_size * seq_len / max(
-                        now - window["t"], 1e-9)
+                    per_step = cfg.batch_size * cfg.accumulate * rt.world_size * seq_len
+                    tokens = (step - window["step"]) * per_step
+                    rate = tokens / max(now - window["t"], 1e-9)
                     window = {"t": now, "step": step}
                     loss_now = logs.get("loss", float("nan"))
                     metrics.write({"step": step, "split": "train", **logs, "bits_per_token": loss_now / LN2,
@@ -330,7 +337,8 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
     if rt.is_main:
         rows = {"run folder": str(run_dir), "steps": f"{step} ({step - start_step} this run)",
                 "time": f"{seconds:.1f} s", "non-finite steps": guard.total,
-                "prior": str(final) if stopped is None else "(not final)", "tokenizer": str(info["tokenizer"])}
+                "prior": str(final) if stopped is None else "(not final)",
+                "tokenizer": str(info["tokenizer"])}
         rows.update({f"val {k}": v for k, v in val_result.items()})
         console.print(summary_table("train-prior summary", rows))
     return PriorTrainResult(run_dir, final, step, seconds, val_result, guard.total, stopped)

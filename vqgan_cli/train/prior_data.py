@@ -106,7 +106,8 @@ def _check_tokenizer(cfg: ShardDataConfig, m: TokenManifest, problems: list[str]
             mine = _tokenizer_hash(path)
             if mine != have:
                 problems.append(f"data.tokenizer: {path} (weights sha256 {mine[:12]}...) did not make the "
-                                f"shards in {cfg.shards} (encoded by {tok.get('path')}, {str(have)[:12]}...); "
+                                f"shards in {cfg.shards} (encoded by {tok.get('path')}, "
+                                f"{str(have)[:12]}...); "
                                 "re-encode them with this tokenizer or name the right one")
     if path is not None and Path(path).is_file():
         path = str(Path(path).resolve())
@@ -149,7 +150,8 @@ def _cond_config(kind: str, m: TokenManifest, sos_token: int, problems: list[str
 
     model = load_tokenizer(path)
     if weights_sha256(model.state_dict()) != want:
-        problems.append(f"data.shards: conditioning tokenizer {path} has changed since the shards were encoded")
+        problems.append(f"data.shards: conditioning tokenizer {path} has changed since the shards "
+                        "were encoded")
     cfg: TokenizerConfig = model.config
     key = {"segmentation": "seg", "depth": "depth"}.get(cfg.modality, "image")
     cond = CondConfig(kind="spatial", tokenizer=cfg, lowres_factor=lowres, key=key)
@@ -160,8 +162,10 @@ def _same_shards(a: TokenManifest, b: TokenManifest, problems: list[str]) -> Non
     for what, x, y in (("tokenizer", a.raw.get("tokenizer", {}).get("weights_sha256"),
                         b.raw.get("tokenizer", {}).get("weights_sha256")),
                        ("vocabulary", a.n_embed, b.n_embed), ("grid", a.grid, b.grid),
-                       ("conditioning", (a.raw.get("cond") or {}).get("kind"), (b.raw.get("cond") or {}).get("kind")),
-                       ("conditioning vocabulary", a.cond_vocab, b.cond_vocab), ("classes", a.labels, b.labels)):
+                       ("conditioning", (a.raw.get("cond") or {}).get("kind"),
+                        (b.raw.get("cond") or {}).get("kind")),
+                       ("conditioning vocabulary", a.cond_vocab, b.cond_vocab),
+                       ("classes", a.labels, b.labels)):
         if x != y:
             problems.append(f"data.val: {what} differs from the training shards ({y!r} vs {x!r})")
 
@@ -183,7 +187,8 @@ def resolve_data(cfg: ShardDataConfig, cond_kind: str, sos_token: int = 0, cond_
     if m.grid is None and crop is None:
         problems.append(f"data.crop: the grids in {cfg.shards} vary in size (--keep-aspect); set a crop")
     elif crop is not None and m.grid is not None and (crop[0] > m.grid[0] or crop[1] > m.grid[1]):
-        problems.append(f"data.crop: {list(crop)} is larger than the token grid {list(m.grid)} of {cfg.shards}")
+        problems.append(f"data.crop: {list(crop)} is larger than the token grid {list(m.grid)} "
+                        f"of {cfg.shards}")
     else:
         grid = crop if crop is not None else m.grid  # type: ignore[assignment]
         if crop is not None and m.grid is not None and tuple(crop) == tuple(m.grid):

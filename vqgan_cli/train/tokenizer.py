@@ -42,6 +42,7 @@ from vqgan_cli.train.loop import (
 from vqgan_cli.train.reporting import MetricsWriter, TrainProgress, console, summary_table
 from vqgan_cli.train.signals import StopRequest
 
+
 @dataclass
 class TokenizerRecipe:
     """A stage-one recipe: what to build (model, loss), from what (data), and how (train)."""
@@ -217,10 +218,11 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
                             break
                         scaler.scale(dl.total / cfg.accumulate).backward()
                         accumulate_logs(logs, {"d_loss": dl.total, "logits_real": dl.logits_real,
-                                           "logits_fake": dl.logits_fake}, cfg.accumulate)
-                    accumulate_logs(logs, {"loss": gl.total, "nll": gl.nll, "rec": gl.rec, "perceptual": gl.perceptual,
-                                       "g_loss": gl.g_loss, "adaptive_weight": gl.adaptive_weight,
-                                       "q_loss": gl.q_loss, "perplexity": out.perplexity}, cfg.accumulate)
+                                               "logits_fake": dl.logits_fake}, cfg.accumulate)
+                    accumulate_logs(logs, {"loss": gl.total, "nll": gl.nll, "rec": gl.rec,
+                                           "perceptual": gl.perceptual, "g_loss": gl.g_loss,
+                                           "adaptive_weight": gl.adaptive_weight, "q_loss": gl.q_loss,
+                                           "perplexity": out.perplexity}, cfg.accumulate)
                 guard.record(finite, step)
                 if finite:
                     optimizer_step(opt_ae, model, scaler, cfg.grad_clip)

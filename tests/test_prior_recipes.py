@@ -1,0 +1,74 @@
+"""Every stage-two recipe loads, names its commands, and gives the released shapes on shards
+of the kind its header says to encode (tiny stand-in shards: only the manifest's shape matters)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from test_train_prior import make_shards
+
+from vqgan_cli.config import load_recipe
+from vqgan_cli.train.prior import PriorRecipe, prior_config, train_prior
+from vqgan_cli.train.prior_data import resolve_data
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+# recipe -> (shard grid, codebook, cond vocab, classes, expected block size, expected GPT params)
+EXPECTED = {
+    "quickstart_prior": ((8, 8), 256, 8, None, 64 + 63, None),
+    "ffhq_prior": ((16, 16), 1024, None, None, 256, None),
+    "celebahq_prior": ((16, 16), 1024, None, None, 256, None),
+    "imagenet_class_prior": ((16, 16), 16384, None, 1000, 256, 1.4e9),
+    "sflckr_prior": ((32, 32), 1024, 182, None, 511, None),
+    "drin_prior": ((16, 16), 1024, 1024, None, 511, None),
+    "superres_prior": ((16, 16), 1024, 1024, None, 511, None),
+}
+
+
+def test_every_prior_recipe_is_listed():
+    assert {p.stem for p in RECIPES.glob("*_prior.yaml")} == set(EXPECTED)
+
+
+def gpt_params(cfg) -> int:  # noqa: ANN001 - a GPTConfig
+    C, V, T, L = cfg.n_embd, cfg.vocab_size, cfg.block_size, cfg.n_layer
+    per_layer = 4 * (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C) + 4 * C
+    return V * C + T * C + L * per_layer + 2 * C + C * V
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_recipe_loads_and_gives_the_released_shapes(tmp_path, name):
+    path = RECIPES / f"{name}.yaml"
+    text = path.read_text()
+    assert re.search(rf"vqgan train-prior recipes/{name}\.yaml", text), "header must show the command"
+    for ref in re.findall(r"recipes/(\w+)\.yaml", text):
+        assert (RECIPES / f"{ref}.yaml").is_file(), f"header names a missing recipe {ref}"
+    recipe = load_recipe(PriorRecipe, path)
+    assert recipe.name == name and recipe.data.shards and recipe.data.tokenizer
+    grid, n_embed, cond_vocab, classes, block, params = EXPECTED[name]
+    assert (recipe.model.cond == "spatial") == (cond_vocab is not None)
+    assert (recipe.model.cond == "class") == (classes is not None)
+    shards = make_shards(tmp_path / "s", n=8, grid=grid, n_embed=n_embed, cond_vocab=cond_vocab,
+                         classes=classes, per_shard=8)
+    over = [f"data.shards={shards}", "data.tokenizer=null", "train.batch_size=1"]
+    if recipe.data.val is not None:
+        over.append(f"data.val={shards}")
+    recipe = load_recipe(PriorRecipe, path, over)
+    data = resolve_data(recipe.data, recipe.model.cond, recipe.model.sos_token, recipe.model.cond_dropout,
+                        recipe.train.batch_size)
+    cfg = prior_config(recipe, data)
+    assert cfg.gpt.block_size == block
+    assert cfg.gpt.vocab_size == max(n_embed, cond_vocab or 0, classes or 0)
+    if params is not None:
+        assert gpt_params(cfg.gpt) == pytest.approx(params, rel=0.05)
+
+
+def test_quickstart_prior_trains_a_step_on_stand_in_shards(tmp_path):
+    shards = make_shards(tmp_path / "s", n=16, grid=(8, 8), n_embed=256, cond_vocab=8, per_shard=8)
+    recipe = load_recipe(PriorRecipe, RECIPES / "quickstart_prior.yaml",
+                         [f"data.shards={shards}", "data.tokenizer=null", "train.batch_size=2",
+                          "train.max_steps=1", "train.val_batches=1", "data.val_fraction=0.2",
+                          f"train.out_dir={tmp_path / 'run'}"])
+    res = train_prior(recipe, "quickstart_prior")
+    assert res.steps == 1 and res.prior.is_file() and res.val["loss"] > 0
