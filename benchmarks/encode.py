@@ -2,7 +2,7 @@
 """encode-dataset's images/s as a ratio to the bare encoder forward on the same batches in memory.
 
     python benchmarks/encode.py [--quick] [--preset quickstart|f16] [--images N] [--batch-size B]
-                                [--workers W] [--threads T] [--device cpu|cuda]
+                                [--workers W] [--threads T] [--rounds R] [--device cpu|cuda]
 
 The data is a folder of JPEGs (procedural landscapes, 1.25 x 1.5 times the encoding size), so
 encode-dataset pays for everything a real run pays for: listing, JPEG decoding, resizing and
@@ -12,7 +12,9 @@ committing shards. The baseline decodes the same files beforehand and times only
 images/s / baseline images/s (1.0 would mean loading and writing are completely hidden behind
 the encoder). Encode runs alternate with baseline runs; each encode run is compared with the
 baselines right before and after it, and the median of these per-round ratios is reported, which
-evens out load changes on a shared machine. The model has random weights: speed does not depend on them.
+evens out load changes on a shared machine. On a busy CPU pass ``--threads 1``: with more
+intra-op threads than free cores OpenMP stalls make both sides slow and erratic. The model has
+random weights: speed does not depend on them.
 """
 
 from __future__ import annotations

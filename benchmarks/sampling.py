@@ -65,7 +65,8 @@ def bench_cache(preset: str, n_tokens: int) -> None:
               f" | speed-up {row[1][0] / row[0][0]:4.1f}x | identical tokens: {same}")
 
 
-def seg_problem(preset: str, width: int, height: int) -> tuple[GPT, Conditioning, torch.Tensor, tuple[int, int]]:
+def seg_problem(preset: str, width: int,
+                height: int) -> tuple[GPT, Conditioning, torch.Tensor, tuple[int, int]]:
     """A labels-conditioned prior and a built-in landscape's label grid at the given size."""
     from vqgan_cli.data.landscapes import render_landscape
 

@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per test process: with `-n 2` on 2 cores, more threads only make OpenMP spin.
+    torch.set_num_threads(1)
+
 EXAMPLES = Path(os.environ.get("VQGAN_EXAMPLES", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "examples"))
 
 

@@ -6,10 +6,25 @@ import pytest
 import torch
 
 from vqgan_cli.models.gpt import GPT, GPTConfig
-from vqgan_cli.sampling import (SamplingError, SamplingOptions, filter_logits, make_generators,
-                                pick_tokens, sample_sequence)
+from vqgan_cli.sampling import (
+    SamplingError,
+    SamplingOptions,
+    filter_logits,
+    make_generators,
+    pick_tokens,
+    sample_sequence,
+)
 
 V = 24
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest, and far faster on a shared, loaded CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_gpt(block: int = 40, vocab: int = V) -> GPT:

@@ -174,7 +174,8 @@ def encode_dataset_cmd(
         help="class labels: 'folders' (parent folder names) or a CSV with id and label columns")] = None,
     missing: Annotated[str, typer.Option(help="an image without map or label: stop | skip")] = "stop",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    threads: Annotated[int | None, typer.Option(help="torch threads of the encoder on the CPU")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="torch threads of the encoder on the CPU (a busy machine: 1 avoids OpenMP stalls)")] = None,
     overwrite: Annotated[bool, typer.Option(help="delete the folder's shards and start over")] = False,
     verify: Annotated[Path | None, typer.Option(
         help="check every shard of this folder against its manifest, then exit")] = None,
@@ -264,23 +265,32 @@ def _sample_summary(title: str, r) -> None:  # noqa: ANN001 - a generate.SampleR
 
 @app.command("sample")
 def sample_cmd(
-    prior: Annotated[str, typer.Option(help="prior checkpoint (.safetensors) or an official transformer .ckpt")],
-    tokenizer: Annotated[str | None, typer.Option(help="image tokenizer (default: the one the prior records)")] = None,
+    prior: Annotated[str, typer.Option(
+        help="prior checkpoint (.safetensors) or an official transformer .ckpt")],
+    tokenizer: Annotated[str | None, typer.Option(
+        help="image tokenizer (default: the one the prior records)")] = None,
     n: Annotated[int, typer.Option("--n", help="images to draw (per class with several --class)")] = 4,
     batch_size: Annotated[int, typer.Option(help="images sampled together")] = 4,
     seed: Annotated[int, typer.Option(help="image i uses seed + i")] = 0,
     temperature: Annotated[float, typer.Option(help="logits are divided by it (> 0)")] = 1.0,
     top_k: Annotated[int | None, typer.Option(help="keep the k most likely tokens")] = None,
-    top_p: Annotated[float | None, typer.Option(help="keep the smallest set with this much probability")] = None,
-    cfg_scale: Annotated[float, typer.Option(help="classifier-free guidance (priors trained with conditioning dropout)")] = 1.0,
+    top_p: Annotated[float | None, typer.Option(
+        help="keep the smallest set with this much probability")] = None,
+    cfg_scale: Annotated[float, typer.Option(
+        help="classifier-free guidance (priors trained with conditioning dropout)")] = 1.0,
     classes: Annotated[list[int] | None, typer.Option("--class", help="class index (repeatable)")] = None,
-    cond: Annotated[str | None, typer.Option(help="conditioning map: segmentation/depth PNG, or builtin:landscapes:SEED")] = None,
-    size: Annotated[str | None, typer.Option(help="WxH pixels; beyond the training crop a sliding window is used")] = None,
+    cond: Annotated[str | None, typer.Option(
+        help="conditioning map: segmentation/depth PNG, or builtin:landscapes:SEED")] = None,
+    size: Annotated[str | None, typer.Option(
+        help="WxH pixels; beyond the training crop a sliding window is used")] = None,
     init: Annotated[str | None, typer.Option(help="image to complete")] = None,
     keep: Annotated[float, typer.Option(help="with --init: the top fraction of rows kept")] = 0.5,
-    window: Annotated[str, typer.Option(help="blockwise (cached, fast) | per-token (the reference's placement)")] = "blockwise",
-    cache: Annotated[bool, typer.Option(help="key/value cache at the crop size (--no-cache: full forward per token)")] = True,
-    precision: Annotated[str, typer.Option(help="fp32 (reproducible) | bf16 (faster windows on CPUs with bf16)")] = "fp32",
+    window: Annotated[str, typer.Option(
+        help="blockwise (cached, fast) | per-token (the reference's placement)")] = "blockwise",
+    cache: Annotated[bool, typer.Option(
+        help="key/value cache at the crop size (--no-cache: full forward per token)")] = True,
+    precision: Annotated[str, typer.Option(
+        help="fp32 (reproducible) | bf16 (faster windows on CPUs with bf16)")] = "fp32",
     decode: Annotated[str, typer.Option(help="auto | whole | tiles")] = "auto",
     out: Annotated[Path, typer.Option(help="folder for the PNGs and their JSON sidecars")] = Path("samples"),
     grid: Annotated[bool, typer.Option(help="also save all images side by side")] = False,
@@ -308,13 +318,16 @@ def upscale_cmd(
     image: Annotated[Path, typer.Argument(help="the low-resolution image")],
     prior: Annotated[str, typer.Option(help="a prior trained on encode-dataset --cond lowres:S shards")],
     scale: Annotated[int, typer.Option(help="output size = S x input size")] = 4,
-    out: Annotated[Path, typer.Option(help="output PNG (with --n > 1: OUT_ii_seedS.png)")] = Path("upscaled.png"),
+    out: Annotated[Path, typer.Option(
+        help="output PNG (with --n > 1: OUT_ii_seedS.png)")] = Path("upscaled.png"),
     n: Annotated[int, typer.Option("--n", help="variants to draw")] = 1,
     seed: Annotated[int, typer.Option(help="variant i uses seed + i")] = 0,
     temperature: Annotated[float, typer.Option(help="logits are divided by it (> 0)")] = 1.0,
     top_k: Annotated[int | None, typer.Option(help="keep the k most likely tokens")] = None,
-    top_p: Annotated[float | None, typer.Option(help="keep the smallest set with this much probability")] = None,
-    tokenizer: Annotated[str | None, typer.Option(help="image tokenizer (default: the one the prior records)")] = None,
+    top_p: Annotated[float | None, typer.Option(
+        help="keep the smallest set with this much probability")] = None,
+    tokenizer: Annotated[str | None, typer.Option(
+        help="image tokenizer (default: the one the prior records)")] = None,
     window: Annotated[str, typer.Option(help="blockwise | per-token")] = "blockwise",
     precision: Annotated[str, typer.Option(help="fp32 | bf16")] = "fp32",
     decode: Annotated[str, typer.Option(help="auto | whole | tiles")] = "auto",

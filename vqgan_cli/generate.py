@@ -21,9 +21,19 @@ from PIL import Image
 
 from vqgan_cli.decode_tiles import decode_grid
 from vqgan_cli.images import save_grid, to_uint8
-from vqgan_cli.sample_inputs import (Models, SampleUsageError, check_conditioning, checkpoint_hashes,
-                                     cond_grid, crop_grid, init_tokens, load_models, parse_size,
-                                     read_cond_map, vocab_of)
+from vqgan_cli.sample_inputs import (
+    Models,
+    SampleUsageError,
+    check_conditioning,
+    checkpoint_hashes,
+    cond_grid,
+    crop_grid,
+    init_tokens,
+    load_models,
+    parse_size,
+    read_cond_map,
+    vocab_of,
+)
 from vqgan_cli.sampling import SamplingError, SamplingOptions, make_generators, sample_sequence
 from vqgan_cli.window import PRECISIONS, WINDOW_MODES, Conditioning, precision_context, sample_window
 
@@ -241,7 +251,8 @@ def run_sample(req: SampleRequest, models: Models | None = None) -> SampleReport
     grid_path = None
     if req.grid and images:
         grid_path = save_grid(out / f"grid_seed{req.seed}.png", [torch.cat(images)])
-    n_drawn = len(plan.seeds) * h * w - (int(plan.known.sum()) * len(plan.seeds) if plan.known is not None else 0)
+    kept = int(plan.known.sum()) if plan.known is not None else 0
+    n_drawn = len(plan.seeds) * (h * w - kept)
     return SampleReport(files, grid_path, (w * f, h * f), n_drawn, seconds, notes)
 
 
@@ -270,8 +281,8 @@ class UpscaleRequest:
 def plan_upscale(req: UpscaleRequest, models: Models, notes: list[str]) -> Plan:
     """The low-resolution image, upsampled S times (bicubic, as training degraded its inputs),
     becomes the conditioning grid of an output S times larger (cut to a multiple of f)."""
-    from vqgan_cli.data.transforms import image_to_tensor, read_image
     from vqgan_cli.data import DataError
+    from vqgan_cli.data.transforms import image_to_tensor, read_image
 
     prior, tok = models.prior, models.tokenizer
     ctok = prior.cond_tokenizer
@@ -329,7 +340,8 @@ def run_upscale(req: UpscaleRequest, models: Models | None = None) -> SampleRepo
         tokens = sample_batch(models, plan, opts, [i], req.window, True, req.max_rows, req.precision)
         seconds += time.perf_counter() - t0
         pixels = decode_grid(models.tokenizer, tokens, mode=req.decode).image[0].cpu()
-        path = out if req.n == 1 else out.with_name(f"{out.stem}_{i:02d}_seed{plan.seeds[i]}{out.suffix or '.png'}")
+        suffix = out.suffix or ".png"
+        path = out if req.n == 1 else out.with_name(f"{out.stem}_{i:02d}_seed{plan.seeds[i]}{suffix}")
         _save_png(path, pixels)
         _sidecar(path.with_suffix(".json"), {
             "image": path.name, "index": i, "seed": plan.seeds[i], "size": [w * f, h * f],
