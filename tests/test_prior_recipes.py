@@ -72,3 +72,46 @@ def test_quickstart_prior_trains_a_step_on_stand_in_shards(tmp_path):
                           f"train.out_dir={tmp_path / 'run'}"])
     res = train_prior(recipe, "quickstart_prior")
     assert res.steps == 1 and res.prior.is_file() and res.val["loss"] > 0
+
+
+# ---- benchmarks/prior_step.py: its baseline computes our maths, and it runs ----------------------
+
+
+def _bench_module():
+    import importlib.util
+    import sys
+
+    path = RECIPES.parent / "benchmarks" / "prior_step.py"
+    if "prior_step" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("prior_step", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["prior_step"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["prior_step"]
+
+
+def test_benchmark_baseline_is_the_same_function_as_ours():
+    import torch
+
+    from vqgan_cli.models.gpt import GPT, GPTConfig
+
+    bench = _bench_module()
+    cfg = GPTConfig(vocab_size=40, block_size=17, n_layer=2, n_head=4, n_embd=32)
+    torch.manual_seed(0)
+    ours = GPT(cfg)
+    torch.nn.init.normal_(ours.pos_emb, std=0.02)  # non-zero positions, so they are exercised
+    ref = bench.RefGPT(cfg)
+    ref.load_state_dict(ours.state_dict())
+    idx = torch.randint(0, 40, (3, 17))
+    torch.testing.assert_close(ref(idx), ours(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_benchmark_quick_prints_ratios():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(RECIPES.parent / "benchmarks" / "prior_step.py"), "--quick",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.rstrip().endswith("x")]
+    assert len(rows) == 3 and all(float(r.split()[-1].rstrip("x")) > 0 for r in rows)

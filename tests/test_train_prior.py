@@ -246,6 +246,28 @@ def test_nonfinite_losses_skip_then_stop(tmp_path, monkeypatch):
         train_prior(recipe, "tiny")
 
 
+def test_sigint_saves_and_resumes(tmp_path, monkeypatch):
+    import signal
+
+    calls = []
+    original = Prior.training_sequences
+
+    def interrupt_on_step_2(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(Prior, "training_sequences", interrupt_on_step_2)
+    root = make_shards(tmp_path / "s")
+    res = train_prior(tiny_recipe(root, tmp_path / "r", "train.ckpt_every=100"), "tiny")
+    assert res.stopped_by_signal == 130 and res.steps == 2
+    assert (tmp_path / "r" / "checkpoints" / "step_0000002.safetensors").is_file()
+    assert not (tmp_path / "r" / "prior.safetensors").exists()
+    monkeypatch.setattr(Prior, "training_sequences", original)
+    assert train_prior(tiny_recipe(root, tmp_path / "r", "train.ckpt_every=100"), "tiny").steps == 4
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 
 
@@ -275,6 +297,17 @@ def test_bad_input_is_refused_before_training(tmp_path):
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+def test_samples_contradicting_the_manifest_stop_the_run(tmp_path):
+    from vqgan_cli.data.shards import ShardError
+
+    root = make_shards(tmp_path / "s", n_embed=64)
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["tokenizer"]["n_embed"] = 16  # tokens reach 31: the manifest lies about the codebook
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="outside the manifest's codebook of 16"):
+        train_prior(tiny_recipe(root, tmp_path / "r"), "tiny")
+
+
 def test_tokenizer_named_by_the_recipe_must_have_made_the_shards(tmp_path):
     from vqgan_cli.loading import save_tokenizer
     from vqgan_cli.models.config import TokenizerConfig
@@ -286,6 +319,36 @@ def test_tokenizer_named_by_the_recipe_must_have_made_the_shards(tmp_path):
     tok = save_tokenizer(tmp_path / "tok.safetensors", VQGAN(cfg))
     msg = _problems(tiny_recipe(make_shards(tmp_path / "s"), tmp_path / "r", f"data.tokenizer={tok}"))
     assert "did not make the shards" in msg
+
+
+def test_spatial_prior_embeds_the_conditioning_tokenizer(tmp_path):
+    from vqgan_cli.checkpoints import weights_sha256
+    from vqgan_cli.loading import save_tokenizer
+    from vqgan_cli.models.config import TokenizerConfig
+    from vqgan_cli.models.vqgan import VQGAN
+
+    ae = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "z_channels": 4,
+          "resolution": 8, "in_channels": 5, "out_channels": 5}
+    cfg = from_dict(TokenizerConfig, {"modality": "segmentation", "n_labels": 5, "autoencoder": ae,
+                                      "quantizer": {"n_embed": 6, "embed_dim": 4}})
+    seg = VQGAN(cfg)
+    path = save_tokenizer(tmp_path / "seg.safetensors", seg)
+    root = make_shards(tmp_path / "s")
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["cond"].update(kind="seg", tokenizer={"path": str(path),
+                                                   "weights_sha256": weights_sha256(seg.state_dict())})
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    res = train_prior(tiny_recipe(root, tmp_path / "r", "train.max_steps=1"), "tiny")
+    prior = load_prior(res.prior)
+    assert prior.cond.kind == "spatial" and prior.cond.key == "seg"
+    assert read_weights(res.prior).info["cond_tokenizer"] == str(path.resolve())
+    for k, v in seg.state_dict().items():  # embedded unchanged (frozen during training)
+        assert torch.equal(prior.cond_tokenizer.state_dict()[k], v), k
+    one_hot = torch.nn.functional.one_hot(torch.randint(0, 5, (2, 8, 8)), 5).permute(0, 3, 1, 2).float()
+    assert prior.cond_tokens(one_hot).shape == (2, 16)
+    seg.quantize.embedding.weight.data += 1  # the tokenizer changed after encoding: refused
+    save_tokenizer(path, seg)
+    assert "has changed since the shards" in _problems(tiny_recipe(root, tmp_path / "r2"))
 
 
 def test_changed_shards_under_a_run_are_refused(tmp_path):

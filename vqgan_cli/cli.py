@@ -42,7 +42,7 @@ def _root(
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # paths stay whole, copy-pasteable
     return typer.Exit(code)
 
 

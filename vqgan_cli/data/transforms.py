@@ -154,6 +154,8 @@ def apply_geometry(arr: np.ndarray, geo: Geometry) -> np.ndarray:
 
 def image_to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1], the range the tokenizer expects."""
+    if not rgb.flags.writeable:  # e.g. np.asarray of a PIL image; torch wants to own writable memory
+        rgb = rgb.copy()
     return torch.from_numpy(rgb).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 

@@ -44,6 +44,7 @@ from vqgan_cli.train.prior_data import (
     PriorData,
     ShardDataConfig,
     build_split,
+    check_batch,
     collate_tokens,
     cond_input,
     resolve_data,
@@ -195,7 +196,9 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
     prior = build_prior(recipe, data).to(rt.device)
     pcfg = prior.config
     peak = learning_rate(cfg.base_lr, cfg.batch_size, cfg.accumulate, rt.world_size)
-    opt = torch.optim.AdamW(param_groups(prior.gpt, ocfg.weight_decay), lr=peak, betas=tuple(ocfg.betas))
+    # fused: one kernel for all parameters instead of ~10 per tensor (same maths)
+    opt = torch.optim.AdamW(param_groups(prior.gpt, ocfg.weight_decay), lr=peak, betas=tuple(ocfg.betas),
+                            fused=rt.device.type in ("cpu", "cuda"))
     ckpts = CheckpointManager(run_dir, cfg.keep_last)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=rt.is_main)
     step, position, guard = 0, DataPosition(), NonFiniteGuard(cfg.max_nonfinite)
@@ -273,6 +276,7 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
                 finite, logs = True, {}
                 for micro in range(cfg.accumulate):
                     batch = stream.next()
+                    check_batch(batch, pcfg.grid, pcfg.n_image_tokens, pcfg.gpt.vocab_size)
                     c = cond_input(batch, pcfg.cond).to(rt.device, non_blocking=True)
                     z = batch["tokens"].to(rt.device, non_blocking=True)
                     seq = core.training_sequences(c, z)

@@ -268,6 +268,22 @@ def collate_tokens(items: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def check_batch(batch: dict[str, Any], grid: tuple[int, int], image_vocab: int, vocab: int) -> None:
+    """Refuse samples that contradict the manifest (grid, codebook) before they reach the GPT,
+    where they would fail with an index error or, worse, train on a wrong shape."""
+    tokens = batch["tokens"]
+    if tuple(tokens.shape[1:]) != tuple(grid):
+        raise ShardError(f"samples {batch['keys'][:4]}: token grid {tuple(tokens.shape[1:])}, but the "
+                         f"manifest says {tuple(grid)}")
+    if int(tokens.max()) >= image_vocab or int(tokens.min()) < 0:
+        raise ShardError(f"samples {batch['keys'][:4]}: token {int(tokens.max())} outside the manifest's "
+                         f"codebook of {image_vocab}")
+    cond = batch.get("cond")
+    if cond is not None and (int(cond.max()) >= vocab or int(cond.min()) < 0):
+        raise ShardError(f"samples {batch['keys'][:4]}: conditioning token {int(cond.max())} outside the "
+                         f"vocabulary of {vocab}")
+
+
 def cond_input(batch: dict[str, Any], cond: CondConfig) -> torch.Tensor:
     """Conditioning tokens (B, Lc) of a collated batch: start token, label or raster cond grid."""
     b = batch["tokens"].shape[0]
