@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages with paths stay whole
 
 
 def _plain(v: Any) -> Any:
