@@ -66,6 +66,7 @@ class TrainProgress:
             TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
             console=console, disable=not enabled, transient=False,
         )
+        self._last_info = ""
         self._task = self._progress.add_task(description, total=total, completed=start,
                                              rate="", info="")
 
@@ -77,7 +78,17 @@ class TrainProgress:
         self._progress.__exit__(*exc)
 
     def update(self, step: int, items_per_s: float, unit: str, info: str) -> None:
-        self._progress.update(self._task, completed=step, rate=f"{items_per_s:.1f} {unit}/s", info=info)
+        rate = f"{items_per_s:.1f} {unit}/s"
+        self._progress.update(self._task, completed=step, rate=rate, info=info)
+        if self.enabled and not self._progress.console.is_terminal and info != self._last_info:
+            # Logs and CI get no live bar: print a plain line whenever new numbers come in.
+            self._last_info = info
+            task = self._progress.tasks[0]
+            done = step - self.start_step
+            elapsed = time.perf_counter() - self.start_time
+            eta = elapsed / done * (task.total - step) if done and task.total else 0.0
+            self._progress.console.print(f"{task.description}: step {step}/{task.total:.0f}, {rate}, "
+                                         f"{info}, eta {eta / 60:.1f} min")
 
     def log(self, message: str) -> None:
         if self.enabled:
