@@ -8,21 +8,25 @@ from pathlib import Path
 import pytest
 import torch
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # One thread per test process: with `-n 2` on 2 cores, more threads only make OpenMP spin.
-    torch.set_num_threads(1)
-
-EXAMPLES = Path(os.environ.get("VQGAN_EXAMPLES", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "examples"))
+_DEFAULT_EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "examples"
+EXAMPLES = Path(os.environ.get("VQGAN_EXAMPLES", _DEFAULT_EXAMPLES))
 
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
-    """Point TORCH_HOME (and so any weight cache) at a temporary folder."""
+    """Point TORCH_HOME (and so any weight cache) at a temporary folder; one intra-op thread.
+
+    Every test model is tiny: one thread is fastest for them, and with ``-n 2`` on two cores
+    more threads only make OpenMP spin-wait (100x slowdowns seen on a loaded machine).
+    """
     home = tmp_path_factory.mktemp("torch_home")
     monkeypatch.setenv("TORCH_HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / "xdg"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

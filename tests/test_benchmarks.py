@@ -36,14 +36,6 @@ def bench():
     return _module("tokenizer_step")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These checks are tiny; one thread avoids thrashing when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _tiny(beta_form: str = "legacy") -> TokenizerConfig:
     # Two levels (f2) with attention at 8x8 in the levels and in the mid blocks; 64 -> 32 channels

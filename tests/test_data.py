@@ -115,7 +115,7 @@ def test_tar_shards_by_brace_pattern_with_holdout_and_worker_split(tmp_path, mon
     for n_slots in (2, 3):
         parts = []
         for slot in range(n_slots):
-            monkeypatch.setattr(dataset_mod, "_slot", lambda slot=slot, n=n_slots: (slot, n))
+            monkeypatch.setattr(dataset_mod, "reader_slot", lambda slot=slot, n=n_slots: (slot, n))
             parts.append([s["key"] for s in train])
         flat = [k for p in parts for k in p]
         assert len(flat) == len(set(flat)) and sorted(flat) == sorted(keys[:4])

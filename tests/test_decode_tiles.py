@@ -3,21 +3,11 @@ close to it elsewhere, and without seams at tile borders."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from vqgan_cli.decode_tiles import decode_bytes, decode_grid, decode_tiled, tile_starts
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and far faster on a shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_tokenizer() -> VQGAN:

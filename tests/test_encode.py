@@ -42,14 +42,6 @@ def tiny(seed: int, modality: str = "image", n_labels: int | None = None, n_embe
     return model.eval()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: OpenMP spin-waits make tiny convolutions 100x slower on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def toks(tmp_path_factory) -> dict[str, Path]:

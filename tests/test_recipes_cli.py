@@ -49,7 +49,8 @@ def test_released_hyper_parameters():
     assert rec("drin_depth")["model"]["autoencoder"]["in_channels"] == 1
     for name in TOKENIZER_RECIPES[1:]:
         ae = rec(name)["model"]["autoencoder"]
-        assert (ae["ch"], ae["ch_mult"], ae["num_res_blocks"], ae["attn_resolutions"]) == (128, [1, 1, 2, 2, 4], 2, [16])
+        arch = (ae["ch"], ae["ch_mult"], ae["num_res_blocks"], ae["attn_resolutions"])
+        assert arch == (128, [1, 1, 2, 2, 4], 2, [16])
 
 
 def test_cli_recipe_errors_exit_2_with_dotted_paths(tmp_path):

@@ -25,14 +25,6 @@ from vqgan_cli.sample_inputs import load_models
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and far faster on a shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tok_config() -> TokenizerConfig:
     return TokenizerConfig(autoencoder=AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1,

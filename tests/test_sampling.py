@@ -18,14 +18,6 @@ from vqgan_cli.sampling import (
 V = 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and far faster on a shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_gpt(block: int = 40, vocab: int = V) -> GPT:
     torch.manual_seed(0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from vqgan_cli.models.gpt import GPT, GPTConfig
@@ -19,14 +18,6 @@ from vqgan_cli.window import (
 V = 20
 CROP = (4, 4)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and far faster on a shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_gpt(crop: tuple[int, int] = CROP, spatial: bool = True) -> GPT:

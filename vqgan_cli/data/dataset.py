@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset
 
 from vqgan_cli.data import BadFile, DataError, DataWarning
 from vqgan_cli.data.config import DataConfig
 from vqgan_cli.data.landscapes import LANDSCAPE_CLASSES, render_landscape
 from vqgan_cli.data.maps import MapData, check_labels, one_hot, read_map
+from vqgan_cli.data.sampler import reader_slot
 from vqgan_cli.data.sources import Item, MapIndex, Source, resolve_source, shard_keys, split_member_name
 from vqgan_cli.data.transforms import (
     apply_geometry,
@@ -161,15 +162,6 @@ def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             yield key, fields
 
 
-def _slot() -> tuple[int, int]:
-    """(slot, n_slots) of this process among all DDP ranks times DataLoader workers."""
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    info = get_worker_info()
-    wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-    return rank * nw + wid, world * nw
-
 
 class ShardDataset(IterableDataset):
     """Samples of webdataset tar shards, split across DDP ranks and DataLoader workers.
@@ -214,7 +206,7 @@ class ShardDataset(IterableDataset):
         order = list(range(len(self.shards)))
         if self.prep.train:
             np.random.default_rng([self.prep.seed, self.prep.epoch]).shuffle(order)
-        slot, n_slots = _slot()
+        slot, n_slots = reader_slot()
         by_shard = len(order) >= n_slots
         mine = order[slot::n_slots] if by_shard else order
         count = 0

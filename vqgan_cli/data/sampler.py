@@ -67,3 +67,19 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.per_rank - self._offset()
+
+
+def reader_slot() -> tuple[int, int]:
+    """(slot, n_slots) of this reader among all DDP ranks times DataLoader workers.
+
+    Streaming datasets split their input by it, so every rank and worker reads a disjoint part.
+    """
+    import torch
+    from torch.utils.data import get_worker_info
+
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = get_worker_info()
+    wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank * nw + wid, world * nw

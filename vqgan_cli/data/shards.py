@@ -32,7 +32,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
+
+from vqgan_cli.data.sampler import reader_slot
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "vqgan-token-shards"
@@ -233,15 +235,6 @@ def read_manifest(root: str | Path, require_complete: bool = True) -> TokenManif
                          bool(raw.get("identity", {}).get("flip_copies")), raw)
 
 
-def _split() -> tuple[int, int]:
-    """(index, count) of this reader among all DDP ranks times loader workers."""
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    info = get_worker_info()
-    wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-    return rank * nw + wid, world * nw
-
 
 class TokenShardDataset(IterableDataset):
     """Streams token samples for stage two: shard order and a sample buffer shuffled per epoch,
@@ -310,7 +303,7 @@ class TokenShardDataset(IterableDataset):
         return out
 
     def __iter__(self) -> Iterator[dict]:
-        me, n = self.fixed_split or _split()
+        me, n = self.fixed_split or reader_slot()
         rng = np.random.default_rng([self.seed, self.epoch, me])
         paths = self.manifest.shard_paths()
         if self.shuffle:
