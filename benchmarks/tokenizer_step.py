@@ -93,11 +93,12 @@ def quickstart_bench(path: Path = QUICKSTART) -> Bench:
     # discriminator on at step 1500; the benchmark times the full step, so both are on.
     loss = replace(recipe.loss, perceptual_weight=recipe.loss.perceptual_weight or 1.0,
                    lpips_backbone=perceptual.RANDOM_BACKBONE, disc_start=0)
-    ae = recipe.model.autoencoder
-    return Bench("quickstart", recipe.model, loss, recipe.train.batch_size, recipe.data.size,
-                 recipe.train.base_lr,
+    ae, t = recipe.model.autoencoder, recipe.train
+    return Bench("quickstart", recipe.model, loss, t.batch_size, recipe.data.size, t.base_lr,
                  f"{path.name}: ch {ae.ch}, ch_mult {tuple(ae.ch_mult)}, {ae.num_res_blocks} res block(s), "
-                 f"disc ndf {loss.disc_ndf}; LPIPS + discriminator forced on")
+                 f"disc ndf {loss.disc_ndf}; LPIPS + discriminator forced on; the recipe itself trains "
+                 f"with {t.precision}, channels_last {str(t.channels_last).lower()}, "
+                 f"compile {str(t.compile).lower()}")
 
 
 def scale_bench(name: str, ch_mult: tuple[int, ...]) -> Bench:
@@ -383,7 +384,7 @@ def table(results: list[Result], benches: dict[str, Bench]) -> str:
         bench = benches[res.config]
         base = next((r.median for r in results if r.config == res.config and r.variant == "reference"), None)
         if res.error is not None:
-            rows.append((res.config, str(bench.batch), res.label, "failed", "-", f"n/a ({res.error})", "-"))
+            rows.append((res.config, str(bench.batch), res.label, "failed", "-", "n/a (see below)", "-"))
             continue
         m = res.median
         ratio = f"{base / m:.2f}x" if base and m else "n/a"

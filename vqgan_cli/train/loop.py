@@ -213,3 +213,22 @@ def gather_rng(rt: Runtime) -> list[dict]:
 def restore_rng(states: list[dict], rt: Runtime) -> None:
     """This rank's RNG state from a checkpoint (rank 0's when the run had fewer processes)."""
     R.set_rng_state(states[rt.rank] if rt.rank < len(states) else states[0])
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Periodic work (logging, validation, checkpoints) runs every N steps and on the last one."""
+    return step % every == 0 or step == last
+
+
+def report_end(title: str, run_dir: Path, step: int, start_step: int, seconds: float, nonfinite: int,
+               stopped: int | None, rows: dict[str, Any], val: dict[str, Any]) -> None:
+    """The closing lines of a run (main process only): a signal notice, then the summary table."""
+    from vqgan_cli.train.reporting import console, summary_table
+
+    if stopped is not None:
+        console.print(f"[yellow]stopped by signal at step {step}[/]: checkpoint saved; run the "
+                      "same command again to resume")
+    table = {"run folder": str(run_dir), "steps": f"{step} ({step - start_step} this run)",
+             "time": f"{seconds:.1f} s", "non-finite steps": nonfinite, **rows}
+    table.update({f"val {k}": v for k, v in val.items()})
+    console.print(summary_table(title, table))

@@ -32,10 +32,12 @@ from vqgan_cli.train.loop import (
     DataPosition,
     NonFiniteGuard,
     accumulate_logs,
+    due,
     gather_rng,
     learning_rate,
     optimizer_step,
     prepare_run_dir,
+    report_end,
     restore_rng,
     scheduled_lr,
 )
@@ -50,7 +52,7 @@ from vqgan_cli.train.prior_data import (
     resolve_data,
     unigram_entropy,
 )
-from vqgan_cli.train.reporting import MetricsWriter, TrainProgress, console, summary_table
+from vqgan_cli.train.reporting import MetricsWriter, TrainProgress, console
 from vqgan_cli.train.signals import StopRequest
 
 LN2 = math.log(2.0)
@@ -301,7 +303,7 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
                             f"({guard.in_a_row} in a row, {guard.total} in all)[/]")
                 step += 1
 
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if due(step, cfg.log_every, cfg.max_steps):
                     now = time.perf_counter()
                     per_step = cfg.batch_size * cfg.accumulate * rt.world_size * seq_len
                     tokens = (step - window["step"]) * per_step
@@ -313,7 +315,7 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
                                    "nonfinite_steps": guard.total})
                     shown = (rate, f"loss {loss_now:.4f} ({loss_now / LN2:.3f} bits)")
                 bar.update(step, shown[0], "tok", shown[1])
-                if step % cfg.val_every == 0 or step == cfg.max_steps:
+                if due(step, cfg.val_every, cfg.max_steps):
                     if rt.is_main and val_inputs:
                         val_result = evaluate_prior(core, val_inputs, amp)
                         val_result.update(unigram_entropy=unigram, unigram_bits=unigram / LN2)
@@ -322,13 +324,10 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
                                 f"({val_result['bits_per_token']:.3f} bits/token; unigram entropy "
                                 f"{unigram:.4f}), accuracy {val_result['accuracy']:.3f}")
                     R.barrier(rt)
-                if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                if due(step, cfg.ckpt_every, cfg.max_steps):
                     save_checkpoint(step)
         if stopped is not None:
             save_checkpoint(step)
-            if rt.is_main:
-                console.print(f"[yellow]stopped by signal at step {step}[/]: checkpoint saved; run the "
-                              "same command again to resume")
     finally:
         stop.close()
         stream.close()
@@ -339,10 +338,7 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
         save_prior(final, core, {**info, "step": step, "val": val_result})
     seconds = time.perf_counter() - start_time
     if rt.is_main:
-        rows = {"run folder": str(run_dir), "steps": f"{step} ({step - start_step} this run)",
-                "time": f"{seconds:.1f} s", "non-finite steps": guard.total,
-                "prior": str(final) if stopped is None else "(not final)",
-                "tokenizer": str(info["tokenizer"])}
-        rows.update({f"val {k}": v for k, v in val_result.items()})
-        console.print(summary_table("train-prior summary", rows))
+        report_end("train-prior summary", run_dir, step, start_step, seconds, guard.total, stopped,
+                   {"prior": str(final) if stopped is None else "(not final)",
+                    "tokenizer": str(info["tokenizer"])}, val_result)
     return PriorTrainResult(run_dir, final, step, seconds, val_result, guard.total, stopped)

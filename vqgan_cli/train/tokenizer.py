@@ -33,13 +33,15 @@ from vqgan_cli.train.loop import (
     DataPosition,
     NonFiniteGuard,
     accumulate_logs,
+    due,
     gather_rng,
     learning_rate,
     optimizer_step,
     prepare_run_dir,
+    report_end,
     restore_rng,
 )
-from vqgan_cli.train.reporting import MetricsWriter, TrainProgress, console, summary_table
+from vqgan_cli.train.reporting import MetricsWriter, TrainProgress, console
 from vqgan_cli.train.signals import StopRequest
 
 
@@ -240,7 +242,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
                     R.broadcast_buffers(disc, rt)
                 step += 1
 
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if due(step, cfg.log_every, cfg.max_steps):
                     now = time.perf_counter()
                     rate = (step - window["step"]) * cfg.batch_size * cfg.accumulate * rt.world_size / max(
                         now - window["t"], 1e-9)
@@ -251,10 +253,10 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
                                    "skipped_files": skipped_total, "nonfinite_steps": guard.total})
                     shown = (rate, f"loss {logs.get('loss', float('nan')):.4f} usage {usage:.2f}")
                 bar.update(step, shown[0], "img", shown[1])
-                if rt.is_main and (step % cfg.image_every == 0 or step == cfg.max_steps) and val_inputs:
+                if rt.is_main and due(step, cfg.image_every, cfg.max_steps) and val_inputs:
                     _write_grid(run_dir / "images" / f"step_{step:07d}.png", core, val_inputs[0][:8],
                                 modality, amp)
-                if step % cfg.val_every == 0 or step == cfg.max_steps:
+                if due(step, cfg.val_every, cfg.max_steps):
                     if rt.is_main and val_inputs:
                         val_result = evaluate_tokenizer(core, [v.to(rt.device) for v in val_inputs],
                                                         modality, loss_fn.perceptual_loss, amp)
@@ -262,13 +264,10 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
                         bar.log(f"step {step} validation: " + ", ".join(
                             f"{k} {v:.4g}" for k, v in val_result.items() if k != "images"))
                     R.barrier(rt)
-                if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                if due(step, cfg.ckpt_every, cfg.max_steps):
                     save_checkpoint(step)
         if stopped is not None:
             save_checkpoint(step)
-            if rt.is_main:
-                console.print(f"[yellow]stopped by signal at step {step}[/]: checkpoint saved; run the "
-                              "same command again to resume")
     finally:
         stop.close()
         stream.close()
@@ -280,11 +279,9 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
     seconds = time.perf_counter() - start_time
     result = TrainResult(run_dir, final, step, seconds, val_result, skipped_total, guard.total, stopped)
     if rt.is_main:
-        rows = {"run folder": str(run_dir), "steps": f"{step} ({step - start_step} this run)",
-                "time": f"{seconds:.1f} s", "skipped files": skipped_total,
-                "non-finite steps": guard.total, "tokenizer": str(final) if stopped is None else "(not final)"}
-        rows.update({f"val {k}": v for k, v in val_result.items()})
-        console.print(summary_table("train-tokenizer summary", rows))
+        report_end("train-tokenizer summary", run_dir, step, start_step, seconds, guard.total, stopped,
+                   {"skipped files": skipped_total,
+                    "tokenizer": str(final) if stopped is None else "(not final)"}, val_result)
     return result
 
 
