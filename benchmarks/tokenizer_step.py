@@ -311,6 +311,10 @@ def _describe(e: BaseException) -> str:
 def run_config(bench: Bench, variants: list[Variant], steps: int, warmup: int, compile_warmup: int,
                seed: int, log: Callable[[str], None]) -> tuple[list[Result], float]:
     """Build every variant, check the reference against ours, then time them round-robin."""
+    # A fresh compiler cache per config: the model classes' code objects are shared between
+    # configs, and shapes seen for an earlier config would make dynamo recompile this one with
+    # dynamic shapes, which a training run (one config per process) never does.
+    torch._dynamo.reset()
     torch.manual_seed(seed)
     lpips = perceptual.build_lpips(perceptual.RANDOM_BACKBONE)
     gen = torch.Generator().manual_seed(seed)
