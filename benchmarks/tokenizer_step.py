@@ -137,9 +137,11 @@ VARIANTS = (
     Variant("cl", "ours fp32 channels_last", channels_last=True),
     Variant("bf16", "ours bf16 autocast NCHW", precision="bf16"),
     Variant("bf16_cl", "ours bf16 autocast + channels_last", precision="bf16", channels_last=True),
-    Variant("compile", "ours bf16 + channels_last + torch.compile", precision="bf16", channels_last=True,
+    Variant("compile", "ours bf16 autocast NCHW + torch.compile", precision="bf16", compile=True),
+    Variant("compile_cl", "ours bf16 + channels_last + torch.compile", precision="bf16", channels_last=True,
             compile=True),
 )
+DEFAULT_VARIANTS = ("reference", "eager", "cl", "bf16", "bf16_cl", "compile")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,8 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-warmup", type=int, default=3, help="warm-up steps of the torch.compile variant")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     p.add_argument("--variants", default=None,
-                   help="comma-separated subset of " + ", ".join(v.key for v in VARIANTS)
-                        + " (the reference is always run)")
+                   help="comma-separated, from " + ", ".join(v.key for v in VARIANTS)
+                        + f" (default: {','.join(DEFAULT_VARIANTS)}; the reference is always run)")
     p.add_argument("--batch", type=int, default=None, help="override every config's batch size")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
@@ -442,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if steps < 1 or warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
-    wanted = [v.strip() for v in args.variants.split(",")] if args.variants else [v.key for v in VARIANTS]
+    wanted = [v.strip() for v in args.variants.split(",")] if args.variants else list(DEFAULT_VARIANTS)
     unknown = set(wanted) - {v.key for v in VARIANTS}
     if unknown:
         p.error(f"unknown variant(s) {sorted(unknown)}")

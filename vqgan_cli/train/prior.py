@@ -229,7 +229,7 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
             prior, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
             broadcast_buffers=False)
     if cfg.compile:
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model, dynamic=False)  # static shapes: symbolic ones broke Inductor here
 
     dataset = build_split(data, recipe.data, validation=False, seed=cfg.seed, with_cond=data.cond.spatial)
     stream = BatchStream(dataset, cfg.batch_size, recipe.data.workers, cfg.seed, rt, collate_tokens, position)

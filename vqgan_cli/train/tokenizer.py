@@ -144,7 +144,10 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
             broadcast_buffers=False)
     if cfg.compile:
-        train_model = torch.compile(train_model)
+        # The adaptive weight differentiates the same graph twice (retain_graph=True), which
+        # compiled backwards only allow without donated buffers.
+        torch._functorch.config.donated_buffer = False
+        train_model = torch.compile(train_model, dynamic=False)  # static shapes: symbolic ones broke Inductor here
 
     dataset = build_dataset(recipe.data, "train", modality, n_labels, seed=cfg.seed)
     stream = BatchStream(dataset, cfg.batch_size, recipe.data.workers, cfg.seed, rt, collate, position)
