@@ -28,5 +28,14 @@ def quickstart(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """Throughput benchmarks; each prints ratios measured within one run."""
-    session.run("python", "benchmarks/tokenizer_step.py", *session.posargs)
+    """Throughput benchmarks; each prints ratios measured within one run.
+
+    `nox -s bench` runs all four; `nox -s bench -- tokenizer_step --steps 5` runs one with arguments.
+    """
+    names = ["tokenizer_step", "prior_step", "encode", "sampling"]
+    if session.posargs and session.posargs[0] in names:
+        names, args = [session.posargs[0]], session.posargs[1:]
+    else:
+        args = list(session.posargs)
+    for name in names:
+        session.run("python", f"benchmarks/{name}.py", *args)
