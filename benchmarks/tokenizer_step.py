@@ -9,7 +9,8 @@ For each model configuration it times, in the same process and interleaved round
   1x1 convs + bmm attention, the autoencoder run twice per step);
 - our step (the body of the loop in ``vqgan_cli/train/tokenizer.py``: one autoencoder forward,
   the discriminator step on the detached reconstruction) as eager fp32 NCHW, channels_last,
-  bf16 autocast (NCHW and channels_last), and bf16 + channels_last + ``torch.compile``.
+  bf16 autocast (NCHW and channels_last), and bf16 + ``torch.compile`` (``compile_cl``, with
+  channels_last too, runs when named in ``--variants``).
 
 Each variant's warm-up steps are excluded; the time reported is the median of ``--steps`` steps,
 and every ratio is reference time / variant time from this same run. The batch is a fixed
