@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,3 +38,17 @@ def examples() -> Path:
     if not (EXAMPLES / "sflckr_examples.txt").is_file():
         pytest.skip(f"example data not found at {EXAMPLES} (set VQGAN_EXAMPLES to the examples folder)")
     return EXAMPLES.resolve()
+
+
+@pytest.fixture
+def run_two_ranks() -> Callable[[Path], None]:
+    """Run a script as 2 CPU processes under torchrun (a free port each time); fail with its stderr."""
+
+    def run(script: Path) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node", "2", str(script)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return run

@@ -372,7 +372,7 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path):
 # ---- DDP -----------------------------------------------------------------------------------------
 
 
-def test_ddp_two_cpu_processes_stay_identical(tmp_path):
+def test_ddp_two_cpu_processes_stay_identical(tmp_path, run_two_ranks):
     root = make_shards(tmp_path / "s")
     script = tmp_path / "ddp_run.py"
     script.write_text(textwrap.dedent(f"""
@@ -391,11 +391,7 @@ def test_ddp_two_cpu_processes_stay_identical(tmp_path):
         torch.save({{"weights": models[0].state_dict(), "writes": len(writes)}},
                    {str(tmp_path)!r} + f"/rank{{rank}}.pt")
     """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29741", str(script)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_ranks(script)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert r0["writes"] == 2 and r1["writes"] == 0  # step checkpoint + final prior, rank 0 only
     for k, v in r0["weights"].items():

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -152,7 +150,7 @@ def test_sigint_saves_and_resumes(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_stay_identical(tmp_path):
+def test_ddp_two_cpu_processes_stay_identical(tmp_path, run_two_ranks):
     script = tmp_path / "ddp_run.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys, pathlib, torch
@@ -170,11 +168,7 @@ def test_ddp_two_cpu_processes_stay_identical(tmp_path):
         torch.save({{"weights": models[0].state_dict(), "writes": len(writes)}},
                    {str(tmp_path)!r} + f"/rank{{rank}}.pt")
     """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29731", str(script)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_ranks(script)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     assert r0["writes"] == 2 and r1["writes"] == 0  # step checkpoint + final tokenizer, rank 0 only

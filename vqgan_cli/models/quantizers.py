@@ -73,6 +73,7 @@ class CodebookUsage:
         self.filled = 0
         self.cursor = 0
 
+    @torch.compiler.disable  # a Python ring-buffer cursor: compiling it would recompile every step
     @torch.no_grad()
     def update(self, counts: torch.Tensor) -> None:
         if self.seen is None or self.seen.device != counts.device:
@@ -180,6 +181,7 @@ class VectorQuantizer(nn.Module):
         return Quantized(out.to(z.dtype).contiguous(), loss, idx.view(b, h, w),
                          perplexity_of(counts))
 
+    @torch.compiler.disable  # data-dependent bookkeeping: keep it out of compiled graphs
     @torch.no_grad()
     def _maintain(self, flat: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> None:
         """Training-time bookkeeping: usage window, EMA codebook, dead-code restarts."""
