@@ -386,3 +386,54 @@ def test_sampler_ranks_are_disjoint_and_equal_length():
     assert set(flat) == set(range(10)) and len(flat) == 12  # padded by 2 repeats
     assert len(set(parts[0]) & set(parts[1])) <= 2
     assert list(ResumableSampler(5, seed=0, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+def _find_crop(big: np.ndarray, crop: np.ndarray) -> list[tuple[int, int, bool]]:
+    """Every (top, left, mirrored) at which ``crop`` is a window of ``big`` (plain search)."""
+    n = crop.shape[0]
+    hits = []
+    for mirrored, c in ((False, crop), (True, crop[:, ::-1])):
+        for top in range(big.shape[0] - n + 1):
+            for left in range(big.shape[1] - n + 1):
+                if np.array_equal(big[top:top + n, left:left + n], c):
+                    hits.append((top, left, mirrored))
+    return hits
+
+
+def test_builtin_sizes_give_crops_of_large_renders():
+    """data.builtin_sizes: each training sample is a crop of the scene rendered at a drawn size,
+    with its labels cut from the same window (and the same flip)."""
+    from vqgan_cli.data.landscapes import render_landscape
+
+    cfg = from_dict(DataConfig, {"size": 16, "builtin_sizes": [40, 40], "flip": True})
+    ds = build_dataset(cfg, "train", "image", None, seed=3)
+    flips = set()
+    for i in range(6):
+        s = ds[i]
+        scene = render_landscape(i, 40, 40)
+        rgb = tensor_to_image(s["image"])
+        hits = _find_crop(scene.image, rgb)
+        assert hits, f"sample {i} is not a crop of the 40x40 render"
+        top, left, mirrored = hits[0]
+        labels = scene.labels[top:top + 16, left:left + 16]
+        assert np.array_equal(s["seg"].numpy(), labels[:, ::-1] if mirrored else labels)
+        flips.add(mirrored)
+    assert flips == {True, False}
+
+
+def test_builtin_sizes_span_the_range():
+    """Sides are drawn from [lo, hi]: a crop of a large render is flatter than a whole small scene."""
+    cfg_small = from_dict(DataConfig, {"size": 32, "builtin_sizes": [32, 32]})
+    cfg_large = from_dict(DataConfig, {"size": 32, "builtin_sizes": [512, 512]})
+    spread = []
+    for cfg in (cfg_small, cfg_large):
+        ds = build_dataset(cfg, "train", "image", None, seed=0)
+        spread.append(np.mean([float(ds[i]["image"].std((1, 2)).mean()) for i in range(24)]))
+    assert spread[1] < 0.6 * spread[0]
+
+
+def test_builtin_sizes_and_val_scene_are_checked():
+    with pytest.raises(ConfigError) as err:
+        from_dict(DataConfig, {"size": 64, "builtin_sizes": [32, 512], "val_scene": [512]})
+    text = str(err.value)
+    assert "builtin_sizes" in text and "val_scene" in text

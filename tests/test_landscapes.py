@@ -86,3 +86,27 @@ def test_render_speed():
         for s in range(5):
             render_landscape(s, *hw)
         assert (time.perf_counter() - t0) / 5 < budget
+
+
+@pytest.mark.parametrize("seed", [0, 5, 13, 21])
+def test_window_render_equals_the_crop_of_the_whole_render(seed):
+    """Rendering only a window (the training crops of large scenes) gives exactly those pixels."""
+    from vqgan_cli.data.landscapes import Window
+
+    H, W = 300, 470
+    whole = render_landscape(seed, H, W)
+    rng = np.random.default_rng(seed)
+    boxes = [(0, 0, 64, 64), (H - 64, W - 64, 64, 64), (H - 40, 10, 40, 300), (120, 200, 1, 1)]
+    boxes += [tuple(int(v) for v in (rng.integers(0, H - 64), rng.integers(0, W - 64), 64, 64))
+              for _ in range(4)]
+    for top, left, h, w in boxes:
+        part = render_landscape(seed, H, W, Window(top, left, h, w))
+        assert np.array_equal(part.image, whole.image[top:top + h, left:left + w]), (top, left, h, w)
+        assert np.array_equal(part.labels, whole.labels[top:top + h, left:left + w]), (top, left, h, w)
+
+
+def test_window_outside_the_scene_is_refused():
+    from vqgan_cli.data.landscapes import Window
+
+    with pytest.raises(ValueError, match="not inside a 64x64 scene"):
+        render_landscape(0, 64, 64, Window(32, 0, 64, 64))

@@ -243,3 +243,42 @@ def test_discriminator_layout_and_init():
     assert abs(float(disc.main[3].weight.detach().mean()) - 1.0) < 0.01
     assert float(disc.main[3].bias.detach().abs().sum()) == 0.0
     assert disc(torch.randn(2, 3, 64, 64)).shape == (2, 1, 6, 6)
+
+
+def test_pixel_norm_is_a_layer_norm_over_channels_at_each_pixel():
+    """norm: pixel normalises each pixel's channel vector: the formula written out here."""
+    from vqgan_cli.models.blocks import Normalize
+
+    torch.manual_seed(1)
+    norm = Normalize(8, "pixel")
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 8, 5, 7) * 3 + 1
+    mean = x.mean(1, keepdim=True)
+    var = ((x - mean) ** 2).mean(1, keepdim=True)
+    want = (x - mean) / torch.sqrt(var + 1e-6) * norm.weight.view(1, 8, 1, 1) + norm.bias.view(1, 8, 1, 1)
+    torch.testing.assert_close(norm(x), want, rtol=1e-5, atol=1e-5)
+    assert dict(norm.named_parameters()).keys() == dict(Normalize(32).named_parameters()).keys()
+
+
+def test_pixel_norm_blocks_compute_a_crop_as_the_whole_image_does():
+    """Without spatial statistics a residual block is local: the inside of a crop comes out as
+    that region of the whole input does (GroupNorm's per-crop statistics change it)."""
+    from vqgan_cli.models.blocks import ResnetBlock
+
+    def inside(norm: str) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        block = torch.nn.Sequential(ResnetBlock(32, 64, norm=norm), ResnetBlock(64, 64, norm=norm))
+        with torch.no_grad():
+            for p in block.parameters():  # non-trivial affine parameters too
+                p.add_(0.1 * torch.randn_like(p))
+            x = torch.randn(1, 32, 40, 40) + torch.linspace(-2, 2, 40)  # non-stationary statistics
+            whole = block(x)[..., 10:30, 10:30]
+            crop = block(x[..., 6:34, 6:34])[..., 4:24, 4:24]  # 4 px from the crop's border
+        return whole, crop
+
+    a, b = inside("pixel")
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    a, b = inside("group")
+    assert (a - b).abs().max() > 1e-2

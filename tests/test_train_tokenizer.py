@@ -227,3 +227,30 @@ def test_torch_compile_trains_like_eager(tmp_path):
     b = read_weights(tmp_path / "compiled" / "tokenizer.safetensors").state_dict
     gap = torch.cat([(a[k] - b[k]).flatten() for k in a]).abs().max()
     assert gap < 1e-3  # fused kernels round differently; the same two updates were applied
+
+
+def test_validation_at_the_scale_of_use(tmp_path):
+    """data.val_scene adds held-out whole scenes at that size; large_psnr is their mean PSNR,
+    recomputed here from the saved tokenizer with the formula 10 log10(4 / MSE) on [-1, 1]."""
+    import numpy as np
+
+    from vqgan_cli import load_tokenizer
+    from vqgan_cli.data.landscapes import render_landscape
+
+    recipe = tiny_recipe(tmp_path / "run", "data.builtin_sizes=[16,64]", "data.val_scene=[48,32]",
+                         "data.val_scene_count=2", "model.autoencoder.norm=pixel")
+    train_tokenizer(recipe, "tiny")
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["split"] == "val"][-1]
+    tok = load_tokenizer(tmp_path / "run" / "tokenizer.safetensors").eval()
+    values = []
+    for k in range(2):
+        img = render_landscape(1_000_000 + k, 32, 48).image
+        x = torch.from_numpy(img.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            _, idx = tok.encode(x)
+            x_hat = tok.decode_indices(idx).clamp(-1, 1)
+        values.append(float(10 * torch.log10(4 / ((x_hat - x) ** 2).mean())))
+    assert last["large_images"] == 2
+    assert last["large_psnr"] == pytest.approx(sum(values) / 2, abs=1e-3)
+    assert (tmp_path / "run" / "images" / "large_step_0000004.png").is_file()

@@ -33,6 +33,14 @@ class DataConfig:
     label_shift: int = spec(0, ge=0, le=255, help="added to label values mod 256 (COCO: 1, so 255 -> 0)")
     val_count: int = spec(64, ge=0, help="held-out items when val is None")
     builtin_train: int = spec(100_000, ge=1, help="distinct built-in training scenes (seeds 0..n-1)")
+    builtin_sizes: tuple[int, ...] | None = spec(
+        None, help="[lo, hi]: built-in training scenes are rendered with a side drawn log-uniform in "
+                   "[lo, hi] and a size-pixel crop is cut from them (only the crop is rendered); "
+                   "None: whole scenes at resize")
+    val_scene: tuple[int, ...] | None = spec(
+        None, help="[width, height]: built-in held-out scenes of this size are also encoded and decoded "
+                   "whole at validation (metrics prefixed large_)")
+    val_scene_count: int = spec(8, ge=1, help="how many val_scene scenes")
     bad_files: str = spec("skip", choices=("skip", "stop"),
                           help="skip: warn and drop unreadable files; stop: raise naming the file")
 
@@ -45,4 +53,11 @@ class DataConfig:
         problems = []
         if self.resize is not None and self.resize < self.size:
             problems.append(f"resize: {self.resize} is smaller than the crop size {self.size}")
+        if self.builtin_sizes is not None:
+            lo_hi = list(self.builtin_sizes)
+            if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1] or lo_hi[0] < self.size:
+                problems.append(f"builtin_sizes: expected [lo, hi] with size ({self.size}) <= lo <= hi, "
+                                f"got {lo_hi}")
+        if self.val_scene is not None and (len(self.val_scene) != 2 or min(self.val_scene) < 8):
+            problems.append(f"val_scene: expected [width, height], each >= 8, got {list(self.val_scene)}")
         return problems

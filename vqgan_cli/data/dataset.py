@@ -21,11 +21,13 @@ from torch.utils.data import Dataset, IterableDataset
 
 from vqgan_cli.data import BadFile, DataError, DataWarning
 from vqgan_cli.data.config import DataConfig
-from vqgan_cli.data.landscapes import LANDSCAPE_CLASSES, render_landscape
+from vqgan_cli.data.landscapes import LANDSCAPE_CLASSES, Window, render_landscape
 from vqgan_cli.data.maps import MapData, check_labels, one_hot, read_map
 from vqgan_cli.data.sampler import reader_slot
 from vqgan_cli.data.sources import Item, MapIndex, Source, resolve_source, shard_keys, split_member_name
 from vqgan_cli.data.transforms import (
+    CropBox,
+    Geometry,
     apply_geometry,
     choose_geometry,
     image_to_tensor,
@@ -124,10 +126,15 @@ class FileDataset(Dataset):
 
 
 class LandscapeDataset(Dataset):
-    """``builtin:landscapes``: scene ``seeds[i]`` rendered at ``resize`` and cropped to ``size``."""
+    """``builtin:landscapes``: scene ``seeds[i]`` rendered at ``resize`` and cropped to ``size``.
 
-    def __init__(self, seeds: range, prep: Prep):
-        self.seeds, self.prep = seeds, prep
+    With ``sizes`` (training only), each sample is a random ``size`` crop of the scene rendered with
+    a side drawn log-uniform in ``sizes``, the paper's random crops of large images: only the crop
+    window is rendered, so a crop of a 512-pixel scene costs what a 64-pixel scene does.
+    """
+
+    def __init__(self, seeds: range, prep: Prep, sizes: tuple[int, ...] | None = None):
+        self.seeds, self.prep, self.sizes = seeds, prep, sizes
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose crops/flips the next pass draws."""
@@ -138,10 +145,24 @@ class LandscapeDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         seed = self.seeds[index]
+        rng = self.prep.rng(index)
+        if self.sizes is not None and rng is not None:
+            return self._crop_of_scaled_scene(seed, rng)
         scene = render_landscape(seed, self.prep.resize, self.prep.resize)
         mapped = MapData("seg", scene.labels.astype(np.int32))
         return make_sample(scene.image, mapped, f"landscape-{seed:07d}", self.prep,
-                           self.prep.rng(index), f"builtin:landscapes seed {seed}")
+                           rng, f"builtin:landscapes seed {seed}")
+
+    def _crop_of_scaled_scene(self, seed: int, rng: np.random.Generator) -> dict:
+        lo, hi = self.sizes  # type: ignore[misc]
+        side = max(self.prep.size, int(round(float(np.exp(rng.uniform(np.log(lo), np.log(hi)))))))
+        geo = choose_geometry(side, side, self.prep.size, rng, self.prep.flip)
+        box = geo.box
+        scene = render_landscape(seed, side, side, Window(box.top, box.left, box.size, box.size))
+        whole = Geometry(CropBox(0, 0, box.size), geo.flip)
+        return {"image": image_to_tensor(apply_geometry(scene.image, whole)),
+                "seg": torch.from_numpy(apply_geometry(scene.labels, whole).astype(np.int64)),
+                "key": f"landscape-{seed:07d}", "upscaled": False}
 
 
 def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -286,7 +307,8 @@ def build_dataset(cfg: DataConfig, split: str, modality: str, n_labels: int | No
         if n_labels is not None and n_labels < len(LANDSCAPE_CLASSES):
             raise DataError(f"{own}: has {len(LANDSCAPE_CLASSES)} classes but n_labels = {n_labels}")
         if train:
-            return LandscapeDataset(range(cfg.builtin_train), prep)
+            sizes = tuple(cfg.builtin_sizes) if cfg.builtin_sizes is not None else None
+            return LandscapeDataset(range(cfg.builtin_train), prep, sizes)
         return LandscapeDataset(range(VAL_SEED_BASE, VAL_SEED_BASE + cfg.val_count), prep)
     if train or cfg.val is not None:
         maps_dir = cfg.maps if train else (cfg.val_maps or cfg.maps)

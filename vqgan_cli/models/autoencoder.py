@@ -32,11 +32,11 @@ class _Level(nn.Module):
 class _Mid(nn.Module):
     """The bottleneck: ResnetBlock, AttnBlock, ResnetBlock at the lowest resolution."""
 
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, norm: str):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, norm)
+        self.attn_1 = AttnBlock(channels, norm)
+        self.block_2 = ResnetBlock(channels, channels, dropout, norm)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -58,18 +58,18 @@ class Encoder(nn.Module):
             block_in, block_out = ch * in_mult[i], ch * m
             blocks, attns = [], []
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(block_in, block_out, cfg.dropout))
+                blocks.append(ResnetBlock(block_in, block_out, cfg.dropout, cfg.norm))
                 block_in = block_out
                 if res in cfg.attn_resolutions:
-                    attns.append(AttnBlock(block_in))
+                    attns.append(AttnBlock(block_in, cfg.norm))
             level = _Level(blocks, attns)
             if i != len(mult) - 1:
                 level.downsample = Downsample(block_in)
                 res //= 2
             levels.append(level)
         self.down = nn.ModuleList(levels)
-        self.mid = _Mid(block_in, cfg.dropout)
-        self.norm_out = Normalize(block_in)
+        self.mid = _Mid(block_in, cfg.dropout, cfg.norm)
+        self.norm_out = Normalize(block_in, cfg.norm)
         self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,23 +93,23 @@ class Decoder(nn.Module):
         block_in = ch * mult[-1]
         res = cfg.resolution // 2 ** (len(mult) - 1)
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, cfg.dropout)
+        self.mid = _Mid(block_in, cfg.dropout, cfg.norm)
         levels: list[_Level | None] = [None] * len(mult)
         for i in reversed(range(len(mult))):
             block_out = ch * mult[i]
             blocks, attns = [], []
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, block_out, cfg.dropout))
+                blocks.append(ResnetBlock(block_in, block_out, cfg.dropout, cfg.norm))
                 block_in = block_out
                 if res in cfg.attn_resolutions:
-                    attns.append(AttnBlock(block_in))
+                    attns.append(AttnBlock(block_in, cfg.norm))
             level = _Level(blocks, attns)
             if i != 0:
                 level.upsample = Upsample(block_in)
                 res *= 2
             levels[i] = level
         self.up = nn.ModuleList(levels)
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, cfg.norm)
         self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

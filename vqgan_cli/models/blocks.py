@@ -10,9 +10,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+NORMS = ("group", "pixel")
 
-def Normalize(channels: int) -> nn.GroupNorm:  # noqa: N802 - the reference's name, kept for recognition
-    """GroupNorm with the reference's 32 groups and eps 1e-6 (the eps matters for exact outputs)."""
+
+class PixelNorm(nn.Module):
+    """Normalisation over the channels at each pixel (a LayerNorm of the channel vector), eps 1e-6,
+    per-channel affine, computed in float32.
+
+    Why it exists: GroupNorm removes each group's spatial mean, so a tokenizer trained on crops of
+    large scenes codes a flat crop almost independently of its colour and meets other statistics
+    on whole images (DESIGN.md). With no spatial statistics the network is local: a training crop
+    computes exactly what the same region computes inside a large image. Its parameters are named
+    and shaped like GroupNorm's (``weight``, ``bias``: (C,)).
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
+        h = x.float()
+        mean = h.mean(1, keepdim=True)
+        var = h.var(1, unbiased=False, keepdim=True)
+        h = (h - mean) * torch.rsqrt(var + self.eps)
+        h = h * self.weight.float()[None, :, None, None] + self.bias.float()[None, :, None, None]
+        return h.to(x.dtype)
+
+
+def Normalize(channels: int, kind: str = "group") -> nn.Module:  # noqa: N802 - the reference's name
+    """``group``: GroupNorm with the reference's 32 groups and eps 1e-6 (the eps matters for exact
+    outputs; official checkpoints use it); ``pixel``: :class:`PixelNorm`."""
+    if kind == "pixel":
+        return PixelNorm(channels)
+    if kind != "group":
+        raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
@@ -24,14 +57,15 @@ def swish(x: torch.Tensor) -> torch.Tensor:
 class ResnetBlock(nn.Module):
     """Pre-activation residual block; a 1x1 ``nin_shortcut`` exists only when widths differ."""
 
-    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0,
+                 norm: str = "group"):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, norm)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, norm)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -48,9 +82,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all spatial positions, with a residual connection."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm: str = "group"):
         super().__init__()
-        self.norm = Normalize(channels)
+        self.norm = Normalize(channels, norm)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)

@@ -22,6 +22,10 @@ class AutoencoderConfig:
     resolution: int = spec(256, ge=1, help="training crop size; decides where attention goes")
     z_channels: int = spec(256, ge=1)
     dropout: float = spec(0.0, ge=0.0, lt=1.0)
+    norm: str = spec("group", choices=("group", "pixel"),
+                     help="group: GroupNorm(32), the reference's and the official checkpoints'; pixel: "
+                          "normalise over channels at each pixel, so a model trained on crops of large "
+                          "images computes the same on whole images")
 
     @property
     def factor(self) -> int:
@@ -34,7 +38,7 @@ class AutoencoderConfig:
             problems.append("ch_mult: must name at least one level")
         elif any(m < 1 for m in self.ch_mult):
             problems.append(f"ch_mult: every multiplier must be >= 1, got {list(self.ch_mult)}")
-        if self.ch % 32 and self.ch >= 1:
+        if self.norm == "group" and self.ch % 32 and self.ch >= 1:
             problems.append(f"ch: GroupNorm uses 32 groups, so ch must be a multiple of 32, got {self.ch}")
         if self.ch_mult and self.resolution % self.factor:
             problems.append(f"resolution: {self.resolution} is not a multiple of the factor {self.factor}")

@@ -19,6 +19,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vqgan_cli.config import spec, to_dict
 from vqgan_cli.data import DataConfig, build_dataset, collate, model_input
+from vqgan_cli.data.dataset import VAL_SEED_BASE
+from vqgan_cli.data.landscapes import render_landscape
+from vqgan_cli.data.transforms import image_to_tensor
 from vqgan_cli.images import displayable, save_grid
 from vqgan_cli.loading import save_tokenizer
 from vqgan_cli.losses import LossConfig, TokenizerLoss
@@ -91,6 +94,17 @@ def _val_batches(recipe: TokenizerRecipe, rt: R.Runtime, n_labels: int | None):
     return out
 
 
+def _large_val_inputs(recipe: TokenizerRecipe) -> list[torch.Tensor]:
+    """Held-out built-in scenes at ``data.val_scene`` (width, height), one (1, 3, H, W) each: the
+    scale a tokenizer is used at, decoded whole (the crops of training are not)."""
+    data = recipe.data
+    if data.val_scene is None or recipe.model.modality != "image" or not data.train.startswith("builtin:"):
+        return []
+    width, height = data.val_scene
+    return [image_to_tensor(render_landscape(VAL_SEED_BASE + k, height, width).image)[None]
+            for k in range(data.val_scene_count)]
+
+
 def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = False) -> TrainResult:
     """Train (or resume) the tokenizer run of ``recipe``; returns where its weights are."""
     cfg = recipe.train
@@ -152,6 +166,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
     dataset = build_dataset(recipe.data, "train", modality, n_labels, seed=cfg.seed)
     stream = BatchStream(dataset, cfg.batch_size, recipe.data.workers, cfg.seed, rt, collate, position)
     val_inputs = _val_batches(recipe, rt, n_labels) if rt.is_main else []
+    large_inputs = _large_val_inputs(recipe) if rt.is_main else []
     amp = R.autocast(rt, cfg.precision)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
     stop = StopRequest()
@@ -263,6 +278,12 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
                     if rt.is_main and val_inputs:
                         val_result = evaluate_tokenizer(core, [v.to(rt.device) for v in val_inputs],
                                                         modality, loss_fn.perceptual_loss, amp)
+                        if large_inputs:
+                            large = evaluate_tokenizer(core, [v.to(rt.device) for v in large_inputs],
+                                                       modality, loss_fn.perceptual_loss, amp)
+                            val_result.update({f"large_{k}": v for k, v in large.items()})
+                            _write_grid(run_dir / "images" / f"large_step_{step:07d}.png", core,
+                                        large_inputs[0].to(rt.device), modality, amp)
                         metrics.write({"step": step, "split": "val", **val_result})
                         bar.log(f"step {step} validation: " + ", ".join(
                             f"{k} {v:.4g}" for k, v in val_result.items() if k != "images"))
