@@ -1,13 +1,24 @@
-"""PSNR/SSIM and codebook statistics against numbers computed by hand."""
+"""PSNR/SSIM, codebook statistics and the band/seam detectors against numbers computed by hand."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from vqgan_cli.metrics import code_counts, codebook_perplexity, codebook_usage, psnr, ssim
+from vqgan_cli.data.landscapes import render_landscape
+from vqgan_cli.metrics import (
+    band_score,
+    code_counts,
+    codebook_perplexity,
+    codebook_usage,
+    period_amplitude,
+    psnr,
+    seam_ratio,
+    ssim,
+)
 
 
 def _unit_const(values: list[float], c: int = 3, size: int = 16) -> torch.Tensor:
@@ -63,3 +74,66 @@ def test_codebook_perplexity_and_usage():
     assert code_counts(skewed, 6).tolist() == [0, 0, 3, 0, 0, 1]
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         codebook_usage(torch.tensor([4]), 4)
+
+
+# --- band and seam detectors (sliding-window artefacts), on images with known answers ---
+
+def _grey(rows: np.ndarray, width: int = 64) -> np.ndarray:
+    """A grey uint8 image whose row y has value rows[y] (luminance of grey (v, v, v) is v)."""
+    v = np.clip(np.rint(rows), 0, 255).astype(np.uint8)
+    return np.repeat(np.repeat(v[:, None, None], width, 1), 3, 2)
+
+
+def test_period_amplitude_of_stripes_on_a_gradient():
+    y = np.arange(832, dtype=np.float64)
+    gradient = 40 + 0.15 * y  # sky-like: 125 grey levels top to bottom
+    # ~0: only the uint8 staircase of the gradient (a step every 6.7 rows) is left
+    assert period_amplitude(_grey(gradient), 32) < 0.1
+    assert band_score(_grey(gradient), range(24, 73)) < 0.1
+    found = []
+    for amp in (0.5, 1.0, 2.0, 4.0, 8.0):
+        img = _grey(gradient + amp * np.sin(2 * np.pi * y / 32 + 0.3))
+        got = period_amplitude(img, 32)
+        assert got == pytest.approx(amp, rel=0.03, abs=0.05)  # uint8 rounding: +-0.5 per row
+        assert period_amplitude(img, 64) < 0.05 * amp + 0.1  # another period: ~nothing
+        assert band_score(img, range(24, 73)) == pytest.approx(got)  # the band's peak is at 32
+        found.append(got)
+    assert found == sorted(found)
+
+
+def test_band_ratio_against_the_real_render_grows_with_added_stripes():
+    scene = render_landscape(1_000_000, 832, 1280)
+    base = band_score(scene.image, range(24, 73))  # 3.6 grey levels: the scene's own edges
+    y = np.arange(832)[:, None, None]
+    ratios = []
+    for amp in (0.0, 4.0, 8.0, 16.0):
+        img = np.clip(scene.image + amp * np.sin(2 * np.pi * y / 40), 0, 255).round().astype(np.uint8)
+        ratios.append(band_score(img, range(24, 73)) / base)
+    assert ratios[0] == pytest.approx(1.0)
+    assert ratios == sorted(ratios) and ratios[-1] > 2
+
+
+def test_seam_ratio_of_a_ramp_with_steps():
+    slope, jump, period = 1.0, 10.0, 32
+    y = np.arange(128, dtype=np.float64)
+    ramp = slope * y
+    assert seam_ratio(_grey(ramp), period) == pytest.approx(1.0)
+    stepped = ramp + jump * (y // period)  # rows change by 1 everywhere, by 1 + 10 at y = 32, 64, 96
+    for step in (1, 8):
+        assert seam_ratio(_grey(stepped), period, step) == pytest.approx((slope + jump) / slope, rel=1e-6)
+    with pytest.raises(ValueError, match="multiple of step"):
+        seam_ratio(_grey(ramp), 30, 8)
+
+
+def test_seam_ratio_of_real_renders_and_injected_seams():
+    period, f = 32, 8
+    for seed in range(1_000_000, 1_000_004):
+        img = render_landscape(seed, 832, 1280).image
+        ratios = []
+        for offset in (0.0, 4.0, 8.0):
+            # alternate blocks of P rows brightened: a luminance step at every multiple of P
+            lift = offset * ((np.arange(832) // period) % 2)[:, None, None]
+            seamed = np.clip(img + lift, 0, 255).round().astype(np.uint8)
+            ratios.append(seam_ratio(seamed, period, f))
+        assert 0.6 < ratios[0] < 1.3  # measured 0.65-1.25 on 16 held-out scenes
+        assert ratios == sorted(ratios) and ratios[-1] > 2

@@ -1,12 +1,19 @@
-"""Reconstruction and codebook metrics for tokenizers.
+"""Reconstruction and codebook metrics for tokenizers; band and seam detectors for samples.
 
 Image metrics take model-space tensors in [-1, 1], clamp them to [-1, 1] (the decoder output is
 unbounded and is clamped for display, PAPER.md) and map them to [0, 1] before measuring, so PSNR
 and SSIM use data range 1 on the displayed image -- the convention of most published numbers.
+
+The band and seam detectors measure what a sliding window leaves in a sample's rows: a window
+that moves down the image in steps of P pixels can leave a pattern that repeats every P rows.
+They take displayed images (uint8 (H, W, 3), or a (3, H, W) tensor in [-1, 1]) and work on
+luminance Y = 0.299 R + 0.587 G + 0.114 B in grey levels (0..255). Whether a sample follows its
+conditioning map is measured in :mod:`vqgan_cli.map_agreement`.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
@@ -50,3 +57,77 @@ def codebook_perplexity(indices: torch.Tensor, n_embed: int) -> torch.Tensor:
 def codebook_usage(indices: torch.Tensor, n_embed: int) -> float:
     """Share of the codebook that appears at least once in ``indices`` (dead codes lower it)."""
     return float((code_counts(indices, n_embed) > 0).sum()) / n_embed
+
+
+def as_uint8_image(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """(H, W, 3) uint8 as displayed: a uint8 array as is, a (3, H, W) or (1, 3, H, W) tensor in
+    [-1, 1] clamped and rounded as saved PNGs are."""
+    if isinstance(image, torch.Tensor):
+        from vqgan_cli.images import to_uint8
+
+        x = image[0] if image.dim() == 4 and image.shape[0] == 1 else image
+        if x.dim() != 3 or x.shape[0] != 3:
+            raise ValueError(f"expected a (3, H, W) tensor in [-1, 1], got shape {tuple(image.shape)}")
+        return to_uint8(x)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
+    return image
+
+
+def luminance(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """(H, W) luminance in grey levels, float64."""
+    return as_uint8_image(image).astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+
+
+def period_amplitude(image: np.ndarray | torch.Tensor, period: int) -> float:
+    """Amplitude (grey levels) of the component of period ``period`` px in the row profile.
+
+    Row profile p[y] = mean over columns of the luminance of row y. Its trend is a centred moving
+    average over exactly one period (a "2xP" average with half weights at both ends when P is
+    even), which holds no component of period P nor of its harmonics: the residual r = p - trend
+    keeps them whole and loses everything slower (gradients, the horizon). Over the rows where the
+    average is defined, the Hann-windowed DFT at frequency 1/P gives the amplitude
+    ``2 |sum_y w_y r_y exp(-2 pi i y / P)| / sum_y w_y``: A for stripes A sin(2 pi y / P + phi)
+    (up to a small leakage when the rows are not a whole number of periods), ~0 for a gradient.
+    Phase counts from the top row, where the sliding window starts.
+    """
+    if period < 2:
+        raise ValueError(f"period must be >= 2 px, got {period}")
+    profile = luminance(image).mean(1)
+    kernel = np.ones(period) if period % 2 else np.r_[0.5, np.ones(period - 1), 0.5]
+    kernel /= period
+    half = len(kernel) // 2
+    if len(profile) - 2 * half < 2 * period:
+        raise ValueError(f"an image {len(profile)} px high is too short to measure a {period} px period")
+    resid = profile[half:len(profile) - half] - np.convolve(profile, kernel, mode="valid")
+    y = np.arange(half, len(profile) - half)
+    w = np.hanning(len(y) + 2)[1:-1]  # no zero weights at the ends
+    return float(2 * abs(np.sum(w * resid * np.exp(-2j * np.pi * y / period))) / w.sum())
+
+
+def band_score(image: np.ndarray | torch.Tensor, periods: list[int] | range) -> float:
+    """The largest :func:`period_amplitude` over ``periods`` (a band around the window's steps)."""
+    return max(period_amplitude(image, p) for p in periods)
+
+
+def seam_ratio(image: np.ndarray | torch.Tensor, period: int, step: int = 1) -> float:
+    """How much more the rows change across multiples of ``period`` than across nearby rows.
+
+    The jump across row y is J[y] = mean over columns of |Y[y] - Y[y-1]|. Each seam row
+    y = P, 2P, ... (with y + step inside the image) is compared with the rows ``step`` above and
+    below it: the ratio is the median over seam rows of J[y] / ((J[y - step] + J[y + step]) / 2).
+    ~1 when rows at multiples of P are like their neighbours, > 1 with seams at block boundaries.
+    Local neighbours, because how much rows change depends on the content (sky rows hardly,
+    meadow rows a lot); the median, because a scene's one or two full-width edges (the horizon,
+    a shore) may fall on a multiple of P by chance, while seams recur at every multiple. With
+    ``step`` = the token size f the neighbours are token boundaries too, so a decoder's
+    per-token pattern cancels and only the blocks remain."""
+    if period % step or period <= step:
+        raise ValueError(f"period {period} must be a multiple of step {step} larger than it")
+    lum = luminance(image)
+    jumps = np.r_[0.0, np.abs(np.diff(lum, axis=0)).mean(1)]  # jumps[y]: between rows y - 1 and y
+    seams = np.arange(period, lum.shape[0] - step, period)
+    if len(seams) == 0:
+        raise ValueError(f"an image {lum.shape[0]} px high has no seam row at a multiple of {period}")
+    around = (jumps[seams - step] + jumps[seams + step]) / 2
+    return float(np.median((jumps[seams] + 1e-6) / (around + 1e-6)))
