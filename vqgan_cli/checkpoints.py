@@ -9,6 +9,7 @@ the same folder, fsync, then rename, so a crash never replaces a good file with 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,8 @@ from typing import Any, NamedTuple
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from vqgan_cli.faults import naming, os_error_in
 
 
 class CheckpointError(Exception):
@@ -36,8 +39,12 @@ class Weights(NamedTuple):
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``; the old file survives any failure."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with naming(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -45,9 +52,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # clean-up never hides the first error
+            tmp_path.unlink(missing_ok=True)
+        # a full or failing disk reaches us wrapped by torch/safetensors: name it as what it is
+        err = os_error_in(exc) if isinstance(exc, Exception) else None
+        if err is None or (exc is err and err.filename not in (None, tmp)):
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from exc
     return path
 
 
@@ -90,7 +102,11 @@ def state_path(weights_path: str | Path) -> Path:
 
 def save_state(path: str | Path, state: dict[str, Any]) -> Path:
     """Write resume state (tensors and plain Python values only) atomically."""
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # through a Python file, a full disk surfaces as its OSError
+            torch.save(state, fh)
+
+    return atomic_write(path, write)
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

@@ -1,13 +1,16 @@
 """The ``vqgan`` command line: each command parses, delegates to one library function, reports.
 
-Exit codes: 0 success; 1 a run that failed (bad data, non-finite losses); 2 usage and recipe
-errors (bad options, recipe problems, missing files or weights); 128+N when signal N stopped a
-run after saving a checkpoint.
+Exit codes: 0 success; 1 a run that failed (bad data, non-finite losses, an altered shard, a
+full or read-only disk and other operating-system errors); 2 usage and recipe errors (bad
+options, recipe problems, missing files or weights); 128+N when signal N stopped a run after
+saving what it had finished. ``--debug`` (or VQGAN_DEBUG=1) adds the traceback to a message.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -20,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Taming Transformers: train VQGAN tokenizers and transformer priors, sample images.")
 
 T = TypeVar("T")
+_debug = False  # --debug: tracebacks of caught errors are shown
 
 SetOption = Annotated[list[str], typer.Option(
     "--set", help="override a recipe value, e.g. --set train.max_steps=100 (repeatable)")]
@@ -37,17 +41,45 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="print the version and exit")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="show the traceback of an error (also "
+                                                         "VQGAN_DEBUG=1)")] = False,
 ) -> None:
     """Taming Transformers: train VQGAN tokenizers and transformer priors, sample images."""
+    global _debug
+    _debug = debug
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # paths stay whole, copy-pasteable
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # paths stay whole, copy-pasteable
     return typer.Exit(code)
 
 
-def run_guarded(fn: Callable[[], T]) -> T:
-    """Turn the library's expected errors into clear messages and exit codes (no traceback)."""
+def _stop(e: BaseException, message: str, code: int) -> typer.Exit:
+    """_fail for a caught error; with --debug or VQGAN_DEBUG=1 its traceback comes first."""
+    if _debug or os.environ.get("VQGAN_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(e)
+    return _fail(message, code)
+
+
+def _without_worker_traceback(e: Exception) -> str:
+    """A DataLoader worker's error arrives with the worker's traceback in its message: keep
+    only the message (the traceback is for --debug)."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    lines = text.splitlines()
+    heads = [i for i, ln in enumerate(lines) if ln.startswith(f"{type(e).__module__}.{type(e).__name__}: ")
+             or ln.startswith(f"{type(e).__name__}: ")]
+    return "\n".join(lines[heads[-1]:]).split(": ", 1)[1] if heads else text
+
+
+def run_guarded(fn: Callable[[], T], setting: str = "--out") -> T:
+    """The one error boundary of every command: the library's expected errors and the operating
+    system's (no space, read-only, permissions, I/O) become one message with an exit code, no
+    traceback; ``setting`` names the option that chooses the output folder."""
+    from vqgan_cli import faults
     from vqgan_cli.checkpoints import CheckpointError
     from vqgan_cli.config import ConfigError
     from vqgan_cli.data import DataError
@@ -56,16 +88,28 @@ def run_guarded(fn: Callable[[], T]) -> T:
     from vqgan_cli.perceptual import PerceptualWeightsMissing
     from vqgan_cli.train.loop import TrainingError
 
+    faults.reset_ledger()
+    default = faults.Ledger()
+
+    def kept() -> str:  # only once the command has recorded something
+        if (faults.ledger.kept, faults.ledger.resume) == (default.kept, default.resume):
+            return ""
+        return f"\n  kept: {faults.ledger.kept}\n  to continue: {faults.ledger.resume}"
+
     try:
         return fn()
     except ConfigError as e:
-        raise _fail(str(e), 2) from None
+        raise _stop(e, str(e), 2) from None
     except (PerceptualWeightsMissing, CheckpointError, FileNotFoundError, EncodeUsageError) as e:
-        raise _fail(str(e), 2) from None
+        raise _stop(e, str(e), 2) from None
     except (DataError, TrainingError, ShardError) as e:
-        raise _fail(str(e), 1) from None
-    except KeyboardInterrupt:
-        raise _fail("interrupted", 130) from None
+        raise _stop(e, _without_worker_traceback(e) + kept(), 1) from None
+    except OSError as e:
+        raise _stop(e, faults.explain(e, setting), 1) from None
+    except KeyboardInterrupt as e:
+        raise _stop(e, "interrupted (Ctrl-C)" + kept(), 130) from None
+    except faults.Stopped as e:
+        raise _stop(e, str(e) + kept(), e.exit_code) from None
 
 
 @app.command("train-tokenizer")
@@ -85,7 +129,7 @@ def train_tokenizer_cmd(
         if result.stopped_by_signal:
             raise typer.Exit(result.stopped_by_signal)
 
-    run_guarded(go)
+    run_guarded(go, "train.out_dir")
 
 
 @app.command("train-prior")
@@ -104,7 +148,7 @@ def train_prior_cmd(
         if result.stopped_by_signal:
             raise typer.Exit(result.stopped_by_signal)
 
-    run_guarded(go)
+    run_guarded(go, "train.out_dir")
 
 
 @app.command("reconstruct")
@@ -137,8 +181,6 @@ def reconstruct_cmd(
                       f"{model.config.quantizer.n_embed} codes")
         for msg in report.skipped:
             console.print(f"[yellow]skipped[/] {msg}")
-        if not report.items:
-            raise typer.Exit(1)
 
     run_guarded(go)
 
@@ -235,7 +277,7 @@ def convert_cmd(
         for extra in sorted(path.parent.glob(path.name.removesuffix(".safetensors") + ".*.safetensors")):
             console.print(f"wrote {extra}")
 
-    run_guarded(go)
+    run_guarded(go, "OUT argument")
 
 
 def _sample_guarded(fn: Callable[[], T]) -> T:

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vqgan_cli.faults import naming
+
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(C,H,W) or (B,C,H,W) in [-1,1] -> uint8 HWC / BHWC; 1-channel inputs become grey RGB."""
@@ -52,5 +54,6 @@ def save_grid(path: str | Path, rows: list[torch.Tensor], pad: int = 2) -> Path:
         for j in range(a.shape[0]):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             canvas[y:y + h, x:x + w] = a[j]
-    Image.fromarray(canvas).save(path)
+    with naming(path):
+        Image.fromarray(canvas).save(path)
     return path

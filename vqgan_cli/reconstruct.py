@@ -11,6 +11,7 @@ from PIL import Image
 
 from vqgan_cli.data import DataError
 from vqgan_cli.data.transforms import image_to_tensor, read_image, tensor_to_image
+from vqgan_cli.faults import naming
 from vqgan_cli.metrics import psnr, ssim
 from vqgan_cli.models.vqgan import VQGAN
 
@@ -51,12 +52,12 @@ def reconstruct_image(model: VQGAN, x: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def reconstruct_files(model: VQGAN, paths: list[Path], out_dir: Path,
                       device: torch.device | None = None) -> ReconstructReport:
-    """Write ``<stem>_rec.png`` for each readable input; unreadable ones are reported, not fatal."""
+    """Write ``<stem>_rec.png`` for each readable input; unreadable ones are reported, not fatal,
+    unless none is left: a DataError then says why each input was skipped."""
     if model.config.autoencoder.in_channels != 3:
         raise DataError(f"reconstruct works on RGB image tokenizers; this one takes "
                         f"{model.config.autoencoder.in_channels} channels ({model.config.modality})")
     device = device or next(model.parameters()).device
-    out_dir.mkdir(parents=True, exist_ok=True)
     seen = torch.zeros(model.config.quantizer.n_embed, dtype=torch.bool)
     items: list[Reconstruction] = []
     skipped: list[str] = []
@@ -70,8 +71,13 @@ def reconstruct_files(model: VQGAN, paths: list[Path], out_dir: Path,
         x_hat, idx = reconstruct_image(model, x)
         seen[idx.flatten().cpu()] = True
         out = out_dir / f"{path.stem}_rec.png"
-        Image.fromarray(tensor_to_image(x_hat[0].float().cpu())).save(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with naming(out):
+            Image.fromarray(tensor_to_image(x_hat[0].float().cpu())).save(out)
         items.append(Reconstruction(path, out, float(psnr(x_hat.float(), x)[0]), float(ssim(x_hat.float(), x)[0])))
-    n = max(len(items), 1)
+    if not items:
+        raise DataError(f"nothing was reconstructed: none of the {len(paths)} input(s) could be read"
+                        + "".join(f"\n  - {s}" for s in skipped))
+    n = len(items)
     return ReconstructReport(items, skipped, sum(i.psnr for i in items) / n, sum(i.ssim for i in items) / n,
                              float(seen.float().mean()))

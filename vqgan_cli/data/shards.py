@@ -20,6 +20,7 @@ items [first, end) of the inputs, skipped), ``skipped`` (id, path, reason), ``co
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -35,6 +36,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from vqgan_cli.data.sampler import reader_slot
+from vqgan_cli.faults import naming
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "vqgan-token-shards"
@@ -123,26 +125,29 @@ class ShardWriter:
 
     def write(self, sample: TokenSample) -> None:
         stem = escape_key(sample.key)
-        for fld, data in sample.members():
-            info = tarfile.TarInfo(f"{stem}.{fld}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+        with naming(self.path):
+            for fld, data in sample.members():
+                info = tarfile.TarInfo(f"{stem}.{fld}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                self._tar.addfile(info, io.BytesIO(data))
         self.count += 1
 
     def close(self) -> str:
-        self._tar.close()
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        with naming(self.path):
+            self._tar.close()
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
         return file_digest(self.path)
 
     def abort(self) -> None:
-        try:
-            self._tar.close()
-        finally:
-            self._fh.close()
+        """Delete the unfinished file. Never raises: it runs while another error (often a full
+        disk, which closing the tar would hit again) is on its way to the user."""
+        with contextlib.suppress(OSError):
+            self._fh.close()  # the tar's end blocks are not written: the file goes anyway
+        with contextlib.suppress(OSError):
             self.path.unlink(missing_ok=True)
 
 
@@ -154,11 +159,31 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_shard(path: str | Path) -> Iterator[TokenSample]:
-    """Samples of one shard in stored order; a ShardError names the shard on any damage."""
+def altered_shard(path: str | Path, have: str, want: str, command: str | None) -> ShardError:
+    """The error for a shard whose bytes no longer match the manifest, with the remedy."""
+    how = f"`{command}`" if command else "the encode-dataset command that wrote it"
+    return ShardError(f"{path}: sha256 {have[:12]}... differs from the manifest's {want[:12]}...: the shard "
+                      "changed after encode-dataset wrote it, and its tokens cannot be trusted. Re-run "
+                      f"{how} (it re-encodes the shards that fail verification, and only those), then "
+                      "run this command again")
+
+
+def read_shard(path: str | Path, sha256: str | None = None, command: str | None = None) -> Iterator[TokenSample]:
+    """Samples of one shard in stored order; a ShardError names the shard on any damage.
+
+    With ``sha256`` the file is read whole and hashed before its first sample is given out, and
+    a mismatch raises (``command``: the encode-dataset command to name in the remedy).
+    """
     current: TokenSample | None = None
     try:
-        with tarfile.open(path, mode="r:") as tf:
+        if sha256 is not None:
+            whole = Path(path).read_bytes()
+            if (have := hashlib.sha256(whole).hexdigest()) != sha256:
+                raise altered_shard(path, have, sha256, command)
+            opened = tarfile.open(fileobj=io.BytesIO(whole), mode="r:")
+        else:
+            opened = tarfile.open(path, mode="r:")
+        with opened as tf:
             for member in tf:
                 if not member.isfile():
                     continue
@@ -245,12 +270,14 @@ class TokenShardDataset(IterableDataset):
     twice), else by sample position. Each item is a dict: ``key``, ``tokens`` (int64 (h, w)),
     and where stored ``cond`` (int64, same window) and ``label``. ``variants``: ``all`` yields
     flip copies as extra samples, ``random`` picks one variant per sample and epoch,
-    ``original`` ignores flips.
+    ``original`` ignores flips. ``verify``: each shard is checked against the manifest's
+    sha256 the first time this reader opens it (a reader is this object, or a copy in each
+    loader worker), and an altered one raises a ShardError before any of its samples is used.
     """
 
     def __init__(self, root: str | Path, crop: tuple[int, int] | None = None, shuffle: bool = True,
                  seed: int = 0, buffer_size: int = 1024, variants: str = "all",
-                 with_cond: bool = True, split: tuple[int, int] | None = None):
+                 with_cond: bool = True, split: tuple[int, int] | None = None, verify: bool = True):
         super().__init__()
         if variants not in VARIANTS:
             raise ValueError(f"variants must be one of {VARIANTS}, got {variants!r}")
@@ -265,6 +292,9 @@ class TokenShardDataset(IterableDataset):
         self.variants, self.with_cond = variants, with_cond
         self.fixed_split = split
         self.epoch = 0
+        self.digests = {self.manifest.root / e["name"]: e["sha256"] for e in self.manifest.shards
+                        if verify and e.get("sha256")}
+        self.verified: set[Path] = set()
 
     def set_epoch(self, epoch: int) -> None:
         """Each epoch reshuffles shards, buffer and crops (deterministically from the seed)."""
@@ -314,8 +344,11 @@ class TokenShardDataset(IterableDataset):
 
         def stream() -> Iterator[tuple]:
             position = 0
+            command = self.manifest.raw.get("command")
             for p in mine:
-                for s in read_shard(p):
+                want = None if p in self.verified else self.digests.get(p)
+                for s in read_shard(p, want, command):
+                    self.verified.add(p)
                     if by_shard or position % n == me:
                         yield from self._expand(s, rng)
                     position += 1

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from rich.markup import escape
 from torch.utils.data import DataLoader
 
 from vqgan_cli.checkpoints import file_sha256
@@ -186,6 +187,8 @@ def encode_dataset(opts: EncodeOptions, progress: bool = True) -> EncodeResult:
     if cond is not None and cond.model is not None:
         cond.model.to(device).eval()
     done_items = sum(e["items"][1] - e["items"][0] for e in folder.manifest["shards"])
+    if todo and (warning := folder.space_warning(len(items) - done_items)):
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     encoded, rate = 0, 0.0
     if todo:
         encoded, rate = _encode_shards(folder, items, todo, prep, tok, cond, opts, device, progress,
@@ -245,6 +248,9 @@ def _encode_shards(folder: OutputFolder, items: list[InputItem], todo: list[int]
                 if meta[-1]["index"] + 1 == end:
                     folder.commit(shard, writer, (shard * opts.shard_size, end), skipped)  # type: ignore[arg-type]
                     writer = None
+                    left = len(items) - done_items - encoded
+                    if not folder.space_checked and (warning := folder.space_warning(left)):
+                        console.print(f"[yellow]warning:[/] {escape(warning)}")
                 rate = encoded / max(time.perf_counter() - t0, 1e-9)
                 bar.update(done_items + encoded, rate, "img", f"shard {shard + 1}/{n_shards}")
         finally:

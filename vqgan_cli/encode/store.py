@@ -8,7 +8,8 @@ Commit protocol for shard ``s`` (each step survives kill -9 at any moment):
 
 On restart a recorded shard whose file is missing but whose partial matches the recorded
 sha256 is renamed into place (the crash fell between 2 and 3); every other partial is deleted
-and its shard encoded again. Recorded shards are never rewritten.
+and its shard encoded again. A recorded shard whose file no longer matches its sha256 (changed
+after encoding) is deleted and encoded again; shards that match are never rewritten.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from vqgan_cli.data.shards import (
     shard_name,
 )
 from vqgan_cli.encode.inputs import EncodeUsageError
+from vqgan_cli.faults import human_bytes, ledger, space_shortfall
 
 SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
 PARTIAL_RE = re.compile(r"^\.shard-(\d{6})\.tar\.partial$")
@@ -53,7 +55,8 @@ def check_writable(out: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise EncodeUsageError(f"{out}: output folder is not writable ({e.strerror or e})") from None
+        raise EncodeUsageError(f"{out}: output folder is not writable ({e.strerror or e}); "
+                               "choose another --out") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -75,10 +78,26 @@ class OutputFolder:
     def __init__(self, out: Path, manifest: dict):
         self.out = out
         self.manifest = manifest
+        self.space_checked = False
 
     @property
     def done(self) -> set[int]:
         return {int(e["index"]) for e in self.manifest["shards"]}
+
+    def bytes_per_item(self) -> float | None:
+        """Shard bytes per input item so far (None before the first shard): the space estimate."""
+        entries = self.manifest["shards"]
+        items = sum(e["items"][1] - e["items"][0] for e in entries)
+        return sum(e["bytes"] for e in entries) / items if items else None
+
+    def space_warning(self, items_left: int) -> str | None:
+        """Once a shard exists: a warning when the disk has less room than the rest will take."""
+        per = self.bytes_per_item()
+        if per is None or items_left <= 0:
+            return None
+        self.space_checked = True
+        return space_shortfall(self.out, round(per * items_left), f"{items_left} more input(s) at "
+                               f"{human_bytes(per)} each, as in the shards written so far", "--out")
 
     def save(self) -> None:
         entries = sorted(self.manifest["shards"], key=lambda e: e["index"])
@@ -94,6 +113,10 @@ class OutputFolder:
             p.chmod(0o644)  # mkstemp's 0600 would hide the manifest from other readers
 
         atomic_write(self.out / MANIFEST, write)
+        n = len(entries)
+        ledger.record(f"{n} of {self.manifest['n_shards']} shard(s) and {MANIFEST} in {self.out} are intact"
+                      if n else f"no shard is finished yet in {self.out}",
+                      "re-run the same command: it resumes at the first missing shard")
 
     def writer(self, index: int) -> ShardWriter:
         return ShardWriter(self.out / partial_name(index))
@@ -117,10 +140,10 @@ class OutputFolder:
         for e in self.manifest["shards"]:
             final, partial = self.out / e["name"], self.out / partial_name(e["index"])
             if final.is_file():
-                if final.stat().st_size != e["bytes"]:
-                    raise EncodeUsageError(
-                        f"{final}: size {final.stat().st_size} differs from the manifest's {e['bytes']}; "
-                        "the folder was changed by something else (run --verify, or --overwrite)")
+                if final.stat().st_size != e["bytes"] or file_digest(final) != e["sha256"]:
+                    notes.append(f"{e['name']} differs from the sha256 in {MANIFEST} (changed after "
+                                 "encoding): encoding it again")
+                    continue  # unrecorded now: deleted below
                 kept.append(e)
             elif partial.is_file() and file_digest(partial) == e["sha256"]:
                 os.replace(partial, final)
@@ -128,6 +151,8 @@ class OutputFolder:
                 notes.append(f"completed the interrupted commit of {e['name']}")
             else:
                 notes.append(f"{e['name']} is missing: encoding it again")
+        if len(kept) < len(self.manifest["shards"]):
+            self.manifest["complete"] = False
         self.manifest["shards"] = kept
         recorded = {e["name"] for e in kept}
         for p in self.out.iterdir():

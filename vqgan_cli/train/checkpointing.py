@@ -9,11 +9,17 @@ whose weights file exists is complete; anything else is ignored on resume.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
+from rich.markup import escape
+from torch import nn
+
 from vqgan_cli.checkpoints import load_state, save_state, state_path
+from vqgan_cli.faults import human_bytes, ledger, space_shortfall
+from vqgan_cli.train.reporting import console
 
 _STEP = re.compile(r"^step_(\d+)\.safetensors$")
 
@@ -30,6 +36,7 @@ class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep_last: int):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
+        self._record(self.latest())
 
     def path_for(self, step: int) -> Path:
         return self.dir / f"step_{step:07d}.safetensors"
@@ -56,8 +63,46 @@ class CheckpointManager:
         for old in self.list()[: -self.keep_last]:
             old.weights.unlink(missing_ok=True)
             old.state.unlink(missing_ok=True)
+        self._record(StepCheckpoint(step, weights, state_path(weights)))
         return weights
+
+    def _record(self, latest: StepCheckpoint | None) -> None:
+        """What a fault would leave behind: the last complete checkpoint, and how to go on."""
+        if latest is None:
+            ledger.record("no checkpoint of this run yet (the first comes at train.ckpt_every)",
+                          "re-run the same command to start the run again")
+        else:
+            ledger.record(f"checkpoint step {latest.step} ({latest.weights}) is intact",
+                          f"re-run the same command to resume from step {latest.step}")
+
+    def check_space(self, per_checkpoint: int, final: int) -> None:
+        """Warn (main process) when the run folder's disk has less room than the rest of the run
+        writes: ``keep_last`` checkpoints plus one in flight (less those already there, which
+        pruning replaces) and the final weights."""
+        have = sum(p.stat().st_size for c in self.list() for p in (c.weights, c.state))
+        need = max(0, (self.keep_last + 1) * per_checkpoint - have) + final
+        what = (f"{self.keep_last + 1} checkpoints of {human_bytes(per_checkpoint)}: keep_last "
+                f"{self.keep_last} plus one being written, and final weights of {human_bytes(final)}")
+        if (warning := space_shortfall(self.dir.parent, need, what, "train.out_dir")) is not None:
+            console.print(f"[yellow]warning:[/] {escape(warning)}")
 
     @staticmethod
     def load(ckpt: StepCheckpoint) -> dict:
         return load_state(ckpt.state)
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def checkpoint_size(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer | None],
+                    extra: Sequence[nn.Module | None] = ()) -> tuple[int, int]:
+    """(bytes of one step checkpoint, bytes of the weights file) estimated before training:
+    the model's tensors, two moments per parameter of each Adam-type optimiser and the
+    training-only modules (``extra``), plus about 200 bytes of file framing per tensor."""
+    weights = model.state_dict().values()
+    w = tensor_bytes(weights) + 200 * len(weights) + 8192  # safetensors header with the config
+    moments = [p for opt in optimizers if opt is not None for g in opt.param_groups for p in g["params"]]
+    modules = [t for m in extra if m is not None for t in m.state_dict().values()]
+    state = 2 * tensor_bytes(moments) + tensor_bytes(modules) + 600 * len(moments) + 200 * len(modules) + 32768
+    return w + state, w

@@ -22,7 +22,7 @@ from vqgan_cli.train.runtime import Runtime
 # up to the point where the earlier run stopped.
 RESUMABLE_CHANGES = ("train.max_steps", "train.ckpt_every", "train.keep_last", "train.log_every",
                      "train.image_every", "train.val_every", "train.val_batches", "train.threads",
-                     "train.max_nonfinite", "data.workers", "train.out_dir")
+                     "train.max_nonfinite", "data.workers", "data.verify", "train.out_dir")
 
 
 class TrainingError(Exception):

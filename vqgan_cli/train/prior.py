@@ -25,7 +25,7 @@ from vqgan_cli.models.gpt import GPTConfig, param_groups
 from vqgan_cli.models.permuter import PERMUTERS
 from vqgan_cli.prior import Prior, PriorConfig
 from vqgan_cli.train import runtime as R
-from vqgan_cli.train.checkpointing import CheckpointManager
+from vqgan_cli.train.checkpointing import CheckpointManager, checkpoint_size
 from vqgan_cli.train.config import TrainConfig
 from vqgan_cli.train.loop import (
     BatchStream,
@@ -202,6 +202,8 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
     opt = torch.optim.AdamW(param_groups(prior.gpt, ocfg.weight_decay), lr=peak, betas=tuple(ocfg.betas),
                             fused=rt.device.type in ("cpu", "cuda"))
     ckpts = CheckpointManager(run_dir, cfg.keep_last)
+    if rt.is_main:
+        ckpts.check_space(*checkpoint_size(prior, [opt]))  # warn before work when the disk is short
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=rt.is_main)
     step, position, guard = 0, DataPosition(), NonFiniteGuard(cfg.max_nonfinite)
     latest = ckpts.latest()

@@ -43,6 +43,9 @@ class ShardDataConfig:
                                                           "and epoch) | all | original")
     shuffle_buffer: int = spec(1024, ge=1, help="samples shuffled in memory while streaming")
     workers: int = spec(0, ge=0, help="DataLoader worker processes")
+    verify: str = spec("first", choices=("first", "never"),
+                       help="first: check each shard against the manifest's sha256 when a reader first "
+                            "opens it in a run (an altered shard stops the run) | never")
 
     def check(self) -> list[str]:
         problems = []
@@ -239,11 +242,11 @@ def build_split(data: PriorData, cfg: ShardDataConfig, validation: bool, seed: i
     validation stream (fixed order and crops, read whole by the process that validates)."""
     if validation and data.val_manifest is not None:
         return TokenShardDataset(cfg.val, crop=data.crop, shuffle=False, seed=seed, variants="original",  # type: ignore[arg-type]
-                                 with_cond=with_cond, split=(0, 1))
+                                 with_cond=with_cond, split=(0, 1), verify=cfg.verify == "first")
     ds = TokenShardDataset(cfg.shards, crop=data.crop, shuffle=not validation, seed=seed,
                            buffer_size=cfg.shuffle_buffer,
                            variants="original" if validation else cfg.variants, with_cond=with_cond,
-                           split=(0, 1) if validation else None)
+                           split=(0, 1) if validation else None, verify=cfg.verify == "first")
     if data.val_manifest is None:
         return HeldOutSplit(ds, cfg.val_fraction, validation)
     return ds

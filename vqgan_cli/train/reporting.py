@@ -19,6 +19,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from vqgan_cli.faults import naming
+
 console = Console(stderr=True, soft_wrap=True)  # messages with paths stay whole
 
 
@@ -41,7 +43,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as fh:
+        with naming(self.path), open(self.path, "a") as fh:
             fh.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
 
     def truncate_after(self, step: int) -> None:
@@ -50,7 +52,8 @@ class MetricsWriter:
             return
         kept = [ln for ln in self.path.read_text().splitlines()
                 if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(k + "\n" for k in kept))
+        with naming(self.path):
+            self.path.write_text("".join(k + "\n" for k in kept))
 
 
 class TrainProgress:

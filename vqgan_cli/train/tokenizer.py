@@ -28,7 +28,7 @@ from vqgan_cli.losses import LossConfig, TokenizerLoss
 from vqgan_cli.models.config import TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.train import runtime as R
-from vqgan_cli.train.checkpointing import CheckpointManager
+from vqgan_cli.train.checkpointing import CheckpointManager, checkpoint_size
 from vqgan_cli.train.config import TrainConfig
 from vqgan_cli.train.evaluation import evaluate_tokenizer
 from vqgan_cli.train.loop import (
@@ -127,6 +127,8 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9)) if disc is not None else None
 
     ckpts = CheckpointManager(run_dir, cfg.keep_last)
+    if rt.is_main:
+        ckpts.check_space(*checkpoint_size(model, [opt_ae, opt_d], [disc]))  # warn before work when the disk is short
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=rt.is_main)
     step, position, guard, skipped_total = 0, DataPosition(), NonFiniteGuard(cfg.max_nonfinite), 0
     latest = ckpts.latest()
