@@ -111,8 +111,8 @@ def test_encode_disk_full_keeps_finished_shards_and_resumes_identically(tok, tmp
     assert_named(res, 1, f"{out}/.shard-000001.tar.partial: no space left on the device (ENOSPC); "
                  f"{free / 1000:.1f} kB free in {out}",
                  f"kept: 1 of 3 shard(s) and manifest.json in {out} are intact",
-                 f"to do: free about {(need - free) / 1000:.1f} kB more (the rest of the run writes about "
-                 f"{need / 1000:.1f} kB) in {out} or choose another --out; then re-run the same command: it "
+                 f"to do: free about {(need - free) / 1000:.1f} kB more in {out} (the rest of the run writes "
+                 f"about {need / 1000:.1f} kB) or choose another --out; then re-run the same command: it "
                  "resumes at the first missing shard")
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, shard_name(0)]  # no partial, no temp
     assert (out / shard_name(0)).read_bytes() == (ref / shard_name(0)).read_bytes()
@@ -166,8 +166,14 @@ def test_train_disk_full_keeps_the_last_checkpoint_and_resumes_exactly(tmp_path,
     ckdir = run / "checkpoints"
     assert_named(res, 1, f"{ckdir}/step_0000004.state.pt: no space left on the device (ENOSPC)",
                  f"kept: checkpoint step 2 ({ckdir}/step_0000002.safetensors) is intact",
-                 f"in {ckdir} or choose another train.out_dir; then re-run the same command to resume "
-                 "from step 2")
+                 "or choose another train.out_dir; then re-run the same command to resume from step 2")
+    # what is left to write: step 4's checkpoint (step 2's is pruned after it) and the final weights
+    todo = re.search(rf"free about ([\d.]+) MB more in {ckdir} \(the rest of the run writes about ([\d.]+) MB\)",
+                     res.output)
+    assert todo, res.output
+    free = shutil.disk_usage(small).free
+    assert float(todo.group(2)) * 1e6 == pytest.approx(ckpt + final, rel=0.05)
+    assert float(todo.group(1)) * 1e6 == pytest.approx(ckpt + final - free, rel=0.05)
     assert sorted(p.name for p in ckdir.iterdir()) == ["step_0000002.safetensors", "step_0000002.state.pt"]
     assert not (run / "tokenizer.safetensors").exists() and dot_files(run) == []
 
@@ -371,3 +377,122 @@ def test_shard_check_benchmark_runs(tmp_path):
     assert "2 shard(s), 20 samples read (flip variants included)" in out  # 2 x 5 samples x 2 variants
     for row in ("read without check", "read with sha256 check", "check costs", "sha256 of the files alone"):
         assert re.search(rf"{row}\s+-?[\d.]+ ms", out), (row, out)
+
+
+# ---- sample: interrupted runs keep what they finished; --skip-existing completes them ------------
+
+
+@pytest.fixture(scope="module")
+def sos_prior(tmp_path_factory) -> Path:
+    """A tiny unconditional prior (4x4 tokens) over a tiny f2 tokenizer, random weights."""
+    from vqgan_cli.checkpoints import weights_sha256
+    from vqgan_cli.loading import save_prior
+    from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
+    from vqgan_cli.models.gpt import GPTConfig
+    from vqgan_cli.models.vqgan import VQGAN
+    from vqgan_cli.prior import CondConfig, Prior, PriorConfig
+
+    d = tmp_path_factory.mktemp("sampler")
+    torch.manual_seed(0)
+    ae = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_channels=8, resolution=8)
+    tok = VQGAN(TokenizerConfig(autoencoder=ae, quantizer=QuantizerConfig(n_embed=16, embed_dim=8))).eval()
+    save_tokenizer(d / "tok.safetensors", tok)
+    prior = Prior(PriorConfig(gpt=GPTConfig(vocab_size=16, block_size=16, n_layer=1, n_head=2, n_embd=32),
+                              cond=CondConfig(kind="sos"), grid=(4, 4), image_vocab=16)).eval()
+    with torch.no_grad():
+        for p in prior.gpt.parameters():
+            p.normal_(0, 0.3)
+    info = {"tokenizer": str(d / "tok.safetensors"), "tokenizer_sha256": weights_sha256(tok.state_dict())}
+    return save_prior(d / "sos.safetensors", prior, info)
+
+
+def sample_args(prior: Path, out: Path, *extra: str) -> list[str]:
+    from vqgan_cli.window import WINDOW_MODES  # the grid is the crop: no window runs, any mode will do
+
+    return ["sample", "--prior", str(prior), "--n", "6", "--batch-size", "2", "--top-k", "8", "--grid",
+            "--window", WINDOW_MODES[0], "--out", str(out), *extra]
+
+
+def folder_contents(folder: Path) -> dict[str, object]:
+    """PNG bytes, and sidecars but for the folder they name."""
+    def sidecar(p: Path) -> dict:
+        data = json.loads(p.read_text())
+        assert data["settings"].pop("out") == str(folder)
+        return data
+
+    return {p.name: sidecar(p) if p.suffix == ".json" else p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("how, code, said", [("sigint", 130, "interrupted (Ctrl-C)"),
+                                             ("sigterm", 143, "stopped by SIGTERM")])
+def test_interrupted_sampling_keeps_finished_images_and_skip_existing_completes_them(
+        sos_prior, tmp_path, monkeypatch, how, code, said):
+    ref = tmp_path / "ref"
+    assert cli(*sample_args(sos_prior, ref)).exit_code == 0
+    assert len(list(ref.glob("0*.png"))) == 6
+
+    import signal
+
+    import vqgan_cli.generate as G
+
+    real, calls = G.decode_grid, []
+
+    def decode_then_signal(*a, **kw):
+        calls.append(1)
+        if len(calls) == 4:  # while image 3 is decoded: images 0-2 are written, 3-5 are not
+            if how == "sigint":
+                raise KeyboardInterrupt  # what Python's SIGINT handler raises
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, through the installed handler
+        return real(*a, **kw)
+
+    monkeypatch.setattr(G, "decode_grid", decode_then_signal)
+    out = tmp_path / "out"
+    handler = signal.getsignal(signal.SIGTERM)
+    res = cli(*sample_args(sos_prior, out))
+    assert_named(res, code, said, f"kept: 3 of 6 image(s) in {out}, each with its JSON sidecar",
+                 "to continue: re-run the same command with --skip-existing to draw the other 3")
+    names = ["0000_seed0", "0001_seed1", "0002_seed2"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.{x}" for n in names for x in ("png", "json"))
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored after the run
+    kept = {p.name: p.stat().st_ino for p in out.iterdir()}
+
+    monkeypatch.undo()
+    drawn = []
+    real_batch = G.sample_batch
+    monkeypatch.setattr(G, "sample_batch", lambda m, plan, opts, idx, *a: drawn.append(list(idx)) or
+                        real_batch(m, plan, opts, idx, *a))
+    res = cli(*sample_args(sos_prior, out, "--skip-existing"))
+    assert res.exit_code == 0, res.output
+    assert "3 of 6 image(s) were already in" in res.output and drawn == [[3, 4], [5]]
+    assert all((out / name).stat().st_ino == ino for name, ino in kept.items())  # not rewritten
+    assert folder_contents(out) == folder_contents(ref)  # images, sidecars and grid as one run writes them
+
+
+def test_skip_existing_refuses_images_of_other_settings(sos_prior, tmp_path):
+    out = tmp_path / "out"
+    assert cli(*sample_args(sos_prior, out)).exit_code == 0
+    res = cli(*sample_args(sos_prior, out, "--skip-existing", "--temperature", "0.5"))
+    assert_named(res, 2, f"{out}/0000_seed0.json: drawn with other settings (temperature 1.0 there, 0.5 now)",
+                 "choose another --out")
+
+
+@pytest.mark.parametrize("fault", ["tmpfs", "injected"])
+def test_sample_into_a_read_only_folder(sos_prior, tmp_path, disk, monkeypatch, fault):
+    if fault == "tmpfs":
+        ro = disk.mount("ro", 1 << 20)
+        disk.remount(ro, "ro")
+    else:  # the error a read-only file system gives, where no tmpfs can be mounted
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        real = Path.mkdir
+
+        def mkdir(self, *a, **kw):
+            if self.is_relative_to(ro):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+            return real(self, *a, **kw)
+
+        monkeypatch.setattr(Path, "mkdir", mkdir)
+    res = cli(*sample_args(sos_prior, ro / "samples"))
+    assert_named(res, 1, f"{ro}/samples: the file system is read-only (EROFS)", "kept: nothing was written",
+                 f"to do: choose another --out on a writable disk (or remount {ro} read-write)")
+    assert list(ro.iterdir()) == []

@@ -337,6 +337,8 @@ def sample_cmd(
     out: Annotated[Path, typer.Option(help="folder for the PNGs and their JSON sidecars")] = Path("samples"),
     grid: Annotated[bool, typer.Option(help="also save all images side by side")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
+    skip_existing: Annotated[bool, typer.Option(
+        help="draw only the images not yet in --out (after Ctrl-C: the same result as one run)")] = False,
 ) -> None:
     """Draw images from a prior: unconditional, class, map-conditioned, completion, any size."""
     import shlex
@@ -349,7 +351,9 @@ def sample_cmd(
             temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
             classes=list(classes or []), cond=cond, size=size, init=init, keep=keep, window=window,
             cache=cache, precision=precision, decode=decode, out=str(out), grid=grid, device=device,
-            command=shlex.join(["vqgan", *sys.argv[1:]]) if "sample" in sys.argv else None))
+            skip_existing=skip_existing,  # not recorded: it changes which images are drawn, not how
+            command=shlex.join(["vqgan", *(a for a in sys.argv[1:] if a != "--skip-existing")])
+            if "sample" in sys.argv else None))
         _sample_summary(f"samples in {out}", r)
 
     _sample_guarded(go)

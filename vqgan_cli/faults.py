@@ -67,7 +67,7 @@ def human_bytes(n: float) -> str:
 
 def existing_folder(path: str | Path) -> Path:
     """The nearest folder of ``path`` that exists (where its bytes would go)."""
-    p = Path(path).absolute()
+    p = Path(path)
     while not p.is_dir() and p != p.parent:
         p = p.parent
     return p
@@ -124,11 +124,10 @@ def _remedy(e: OSError, path: str | None, setting: str) -> str:
     where = existing_folder(path) if path else None
     then = f"then {ledger.resume}"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        amount = "space"
         if ledger.need and where:
-            amount = (f"about {human_bytes(max(ledger.need - free_bytes(where), 0))} more (the rest of the "
-                      f"run writes about {human_bytes(ledger.need)})")
-        return f"free {amount} in {where or 'the output folder'} or choose another {setting}; {then}"
+            return (f"free about {human_bytes(max(ledger.need - free_bytes(where), 0))} more in {where} (the "
+                    f"rest of the run writes about {human_bytes(ledger.need)}) or choose another {setting}; {then}")
+        return f"free space in {where or 'the output folder'} or choose another {setting}; {then}"
     if e.errno == errno.EROFS:
         return f"choose another {setting} on a writable disk (or remount {where} read-write); {then}"
     if e.errno in (errno.EACCES, errno.EPERM):

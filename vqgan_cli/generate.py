@@ -19,7 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vqgan_cli.checkpoints import atomic_write
+from vqgan_cli.data.transforms import image_to_tensor
 from vqgan_cli.decode_tiles import decode_grid
+from vqgan_cli.faults import ledger, stop_on_sigterm
 from vqgan_cli.images import save_grid, to_uint8
 from vqgan_cli.sample_inputs import (
     Models,
@@ -65,6 +68,7 @@ class SampleRequest:
     grid: bool = False
     device: str = "cpu"
     command: str | None = None
+    skip_existing: bool = False  # draw only images whose PNG and sidecar are not in ``out`` yet
 
 
 class SampleReport(NamedTuple):
@@ -204,13 +208,46 @@ def sample_batch(models: Models, plan: Plan, opts: SamplingOptions, idx: list[in
 
 
 def _save_png(path: Path, image: torch.Tensor) -> None:
-    """(3, H, W) in [-1, 1] -> PNG without timestamps, so equal pixels give equal bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8(image)).save(path, format="PNG")
+    """(3, H, W) in [-1, 1] -> PNG without timestamps, so equal pixels give equal bytes; atomic,
+    so an interrupted run never leaves half an image."""
+    def write(tmp: Path) -> None:
+        Image.fromarray(to_uint8(image)).save(tmp, format="PNG")
+        tmp.chmod(0o644)  # mkstemp's 0600 would hide the image from other users
+
+    atomic_write(path, write)
 
 
 def _sidecar(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.chmod(0o644)
+
+    atomic_write(path, write)
+
+
+_SET_SIZE_ONLY = ("n", "batch_size", "grid", "command")  # settings that do not change image i
+
+
+def _finished(out: Path, name: str, settings: dict[str, Any], hashes: dict) -> bool:
+    """--skip-existing: whether image ``name`` is complete (its sidecar is written first, the
+    PNG last) and was drawn with these settings and checkpoints; other settings are refused."""
+    png, side = out / f"{name}.png", out / f"{name}.json"
+    if not (png.is_file() and side.is_file()):
+        return False
+    try:
+        old = json.loads(side.read_text())
+    except json.JSONDecodeError:
+        return False  # torn by something else: drawn again
+    mine = {k: v for k, v in settings.items() if k not in _SET_SIZE_ONLY}
+    theirs = {k: v for k, v in old.get("settings", {}).items() if k not in _SET_SIZE_ONLY}
+    diffs = [f"{k} {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in sorted(set(mine) | set(theirs))
+             if mine.get(k) != theirs.get(k)]
+    if old.get("checkpoints") != hashes:
+        diffs.append("other checkpoints")
+    if diffs:
+        raise SampleUsageError(f"{side}: drawn with other settings ({'; '.join(diffs)}); --skip-existing keeps "
+                               "only images of the same settings: choose another --out, or leave it out")
+    return True
 
 
 def run_sample(req: SampleRequest, models: Models | None = None) -> SampleReport:
@@ -227,30 +264,48 @@ def run_sample(req: SampleRequest, models: Models | None = None) -> SampleReport
     out.mkdir(parents=True, exist_ok=True)
     f = models.tokenizer.factor
     h, w = plan.grid
-    files: list[Path] = []
-    images: list[torch.Tensor] = []
+    settings = {k: v for k, v in asdict(req).items() if k != "skip_existing"}
+    names = [f"{i:04d}{'' if c is None else f'_class{c}'}_seed{s}" for i, (s, c) in
+             enumerate(zip(plan.seeds, plan.classes, strict=True))]
+    done = {i for i, name in enumerate(names) if req.skip_existing and _finished(out, name, settings, hashes)}
+    todo = [i for i in range(len(names)) if i not in done]
+    written = len(done)
+
+    def record() -> None:  # what Ctrl-C or SIGTERM would leave (cli.run_guarded reports it)
+        ledger.record(f"{written} of {len(names)} image(s) in {out}, each with its JSON sidecar",
+                      f"re-run the same command with --skip-existing to draw the other {len(names) - written}")
+
+    record()
+    pictures: dict[int, torch.Tensor] = {}
     seconds = 0.0
-    for start in range(0, len(plan.seeds), req.batch_size):
-        idx = list(range(start, min(start + req.batch_size, len(plan.seeds))))
-        t0 = time.perf_counter()
-        tokens = sample_batch(models, plan, opts, idx, req.window, req.cache, req.max_rows,
-                              req.precision)
-        seconds += time.perf_counter() - t0
-        for k, i in enumerate(idx):
-            pixels = decode_grid(models.tokenizer, tokens[k:k + 1], mode=req.decode).image[0].cpu()
-            cls = "" if plan.classes[i] is None else f"_class{plan.classes[i]}"
-            name = f"{i:04d}{cls}_seed{plan.seeds[i]}"
-            _save_png(out / f"{name}.png", pixels)
-            _sidecar(out / f"{name}.json", {
-                "image": f"{name}.png", "index": i, "seed": plan.seeds[i], "class": plan.classes[i],
-                "size": [w * f, h * f], "grid": [h, w], "crop": list(plan.crop),
-                "settings": asdict(req), "checkpoints": hashes, "notes": notes})
-            files.append(out / f"{name}.png")
-            if req.grid:
-                images.append(pixels[None])
+    with stop_on_sigterm():
+        for start in range(0, len(todo), req.batch_size):
+            idx = todo[start:start + req.batch_size]
+            t0 = time.perf_counter()
+            tokens = sample_batch(models, plan, opts, idx, req.window, req.cache, req.max_rows,
+                                  req.precision)
+            seconds += time.perf_counter() - t0
+            for k, i in enumerate(idx):
+                pixels = decode_grid(models.tokenizer, tokens[k:k + 1], mode=req.decode).image[0].cpu()
+                _sidecar(out / f"{names[i]}.json", {  # sidecar first, PNG last: a PNG means both are there
+                    "image": f"{names[i]}.png", "index": i, "seed": plan.seeds[i], "class": plan.classes[i],
+                    "size": [w * f, h * f], "grid": [h, w], "crop": list(plan.crop),
+                    "settings": settings, "checkpoints": hashes, "notes": notes})
+                _save_png(out / f"{names[i]}.png", pixels)
+                written += 1
+                record()
+                if req.grid:
+                    pictures[i] = pixels
+    if done:
+        notes.append(f"--skip-existing: {len(done)} of {len(names)} image(s) were already in {out}; "
+                     f"drew the other {len(todo)}")
+    files = [out / f"{name}.png" for name in names]
     grid_path = None
-    if req.grid and images:
-        grid_path = save_grid(out / f"grid_seed{req.seed}.png", [torch.cat(images)])
+    if req.grid:
+        for i in done:
+            with Image.open(files[i]) as im:
+                pictures[i] = image_to_tensor(np.asarray(im.convert("RGB")))
+        grid_path = save_grid(out / f"grid_seed{req.seed}.png", [torch.stack([pictures[i] for i in sorted(pictures)])])
     kept = int(plan.known.sum()) if plan.known is not None else 0
     n_drawn = len(plan.seeds) * (h * w - kept)
     return SampleReport(files, grid_path, (w * f, h * f), n_drawn, seconds, notes)

@@ -114,6 +114,8 @@ class OutputFolder:
 
         atomic_write(self.out / MANIFEST, write)
         n = len(entries)
+        if (per := self.bytes_per_item()) is not None:  # what the rest will take, for a full-disk message
+            ledger.need = round(per * (self.manifest["n_items"] - sum(e["items"][1] - e["items"][0] for e in entries)))
         ledger.record(f"{n} of {self.manifest['n_shards']} shard(s) and {MANIFEST} in {self.out} are intact"
                       if n else f"no shard is finished yet in {self.out}",
                       "re-run the same command: it resumes at the first missing shard")

@@ -36,6 +36,7 @@ class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep_last: int):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
+        self.sizes: tuple[int, int] | None = None  # (one checkpoint, final weights), from check_space
         self._record(self.latest())
 
     def path_for(self, step: int) -> Path:
@@ -68,6 +69,8 @@ class CheckpointManager:
 
     def _record(self, latest: StepCheckpoint | None) -> None:
         """What a fault would leave behind: the last complete checkpoint, and how to go on."""
+        if self.sizes is not None:
+            ledger.need = self._need()
         if latest is None:
             ledger.record("no checkpoint of this run yet (the first comes at train.ckpt_every)",
                           "re-run the same command to start the run again")
@@ -79,12 +82,18 @@ class CheckpointManager:
         """Warn (main process) when the run folder's disk has less room than the rest of the run
         writes: ``keep_last`` checkpoints plus one in flight (less those already there, which
         pruning replaces) and the final weights."""
-        have = sum(p.stat().st_size for c in self.list() for p in (c.weights, c.state))
-        need = max(0, (self.keep_last + 1) * per_checkpoint - have) + final
+        self.sizes = (per_checkpoint, final)
         what = (f"{self.keep_last + 1} checkpoints of {human_bytes(per_checkpoint)}: keep_last "
                 f"{self.keep_last} plus one being written, and final weights of {human_bytes(final)}")
-        if (warning := space_shortfall(self.dir.parent, need, what, "train.out_dir")) is not None:
+        if (warning := space_shortfall(self.dir.parent, self._need(), what, "train.out_dir")) is not None:
             console.print(f"[yellow]warning:[/] {escape(warning)}")
+
+    def _need(self) -> int:
+        """Bytes the rest of the run adds at its peak: checkpoints up to keep_last + 1 (those on
+        disk count) and the final weights."""
+        per, final = self.sizes  # type: ignore[misc]
+        have = sum(p.stat().st_size for c in self.list() for p in (c.weights, c.state))
+        return max(0, (self.keep_last + 1) * per - have) + final
 
     @staticmethod
     def load(ckpt: StepCheckpoint) -> dict:
