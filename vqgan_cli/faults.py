@@ -146,7 +146,7 @@ def explain(e: OSError, setting: str) -> str:
     ``setting`` is the option that chooses the command's output folder (``--out``,
     ``train.out_dir``): the usual way out of a full or read-only disk is another folder.
     """
-    path = e.filename if e.filename is not None else None
+    path = e.filename
     cause = CAUSES.get(e.errno, e.strerror or str(e))  # type: ignore[arg-type]
     name = errno.errorcode.get(e.errno, "?") if e.errno is not None else "?"
     detail = f"{cause} ({name})"
