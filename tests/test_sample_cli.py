@@ -113,7 +113,7 @@ def test_class_and_map_conditioned_window_with_guidance(ckpts, tmp_path) -> None
     assert code == 0, out
     assert png_size(tmp_path / "seg" / "0001_seed1.png") == (20, 12)
     code, out = sample("--prior", str(ckpts["labels"]), "--cond", str(ckpts["map10"]),
-                       "--size", "16x12", "--window", "per-token", "--out", str(tmp_path / "map"))
+                       "--size", "16x12", "--window", "exact", "--out", str(tmp_path / "map"))
     assert code == 0, out
     assert "resized (nearest neighbour)" in out and "16x12" in out
     assert png_size(tmp_path / "map" / "0000_seed0.png") == (16, 12)
@@ -133,7 +133,8 @@ def test_completion_keeps_the_top_rows(ckpts, tmp_path) -> None:
         assert rows == plan.grid[0] // 2
         assert torch.equal(toks[:, :rows], plan.init.expand(2, -1, -1)[:, :rows])
         assert not torch.equal(toks[:, rows:], plan.init.expand(2, -1, -1)[:, rows:])
-    assert any("resized" in n for n in notes) or size == "16x12"
+        # the 16x12 init image is resized for an 8x8 sample only, and the note says so
+        assert any("resized to 8x8" in n for n in notes) == (size == "8x8"), notes
     code, out = sample("--prior", str(ckpts["sos"]), "--init", str(tmp_path / "init.png"),
                        "--size", "16x12", "--out", str(tmp_path / "done"), "--n", "1")
     assert code == 0, out
@@ -151,6 +152,12 @@ def test_completion_keeps_the_top_rows(ckpts, tmp_path) -> None:
     (["--class", "2"], "this prior is unconditional: drop --class"),
     (["--cfg-scale", "3"], "no null token"),
     (["--tokenizer", "OTHER"], "is not the tokenizer"),
+    (["--size", "16x12", "--window", "per-token"], "--window must be one of exact, fast, got 'per-token'"),
+    (["--size", "16x12", "--window", "exact", "--window-memory", "0.001"],
+     "--window-memory 0.001 MiB cannot hold one window forward"),
+    (["--size", "16x12", "--window", "fast", "--window-memory", "0.001"],
+     "--window-memory 0.001 MiB cannot hold the fast window's caches"),
+    (["--size", "16x12", "--window", "fast", "--segment", "4"], "--segment must be in [1, 3]"),
 ])
 def test_bad_input_exits_2_before_sampling(ckpts, tmp_path, args, message) -> None:
     args = [str(ckpts["other"]) if a == "OTHER" else a for a in args]
@@ -176,6 +183,35 @@ def test_conditioning_mismatches(ckpts, tmp_path, prior, args, message) -> None:
         return
     assert code == 2, out
     assert message in " ".join(out.split())
+
+
+def test_fast_window_and_defaults_reach_the_sidecar(ckpts, tmp_path) -> None:
+    code, out = sample("--prior", str(ckpts["sos"]), "--size", "16x12", "--window", "fast",
+                       "--segment", "2", "--n", "1", "--out", str(tmp_path / "f"))
+    assert code == 0, out
+    settings = json.loads((tmp_path / "f" / "0000_seed0.json").read_text())["settings"]
+    assert (settings["window"], settings["segment"], settings["device"]) == ("fast", 2, "auto")
+    code, out = sample("--prior", str(ckpts["sos"]), "--size", "16x12", "--n", "1",
+                       "--out", str(tmp_path / "e"))
+    assert code == 0, out
+    settings = json.loads((tmp_path / "e" / "0000_seed0.json").read_text())["settings"]
+    assert settings["window"] == "exact"  # the default
+    assert png_pixels(tmp_path / "e" / "0000_seed0.png") != png_pixels(tmp_path / "f" / "0000_seed0.png")
+
+
+def test_non_raster_prior_samples_only_its_crop(tmp_path) -> None:
+    torch.manual_seed(0)
+    tok = VQGAN(tok_config()).eval()
+    save_tokenizer(tmp_path / "tok.safetensors", tok)
+    info = {"tokenizer": "tok.safetensors", "tokenizer_sha256": weights_sha256(tok.state_dict())}
+    save_prior(tmp_path / "z.safetensors", make_prior(CondConfig(kind="sos"), permuter="zcurve"), info)
+    code, out = sample("--prior", str(tmp_path / "z.safetensors"), "--size", "16x12", "--out",
+                       str(tmp_path / "o"))
+    assert code == 2, out
+    assert "--size: this prior reads tokens in 'zcurve' order" in " ".join(out.split())
+    assert not list(tmp_path.glob("o/*.png"))
+    code, out = sample("--prior", str(tmp_path / "z.safetensors"), "--n", "1", "--out", str(tmp_path / "c"))
+    assert code == 0, out
 
 
 def test_upscale(ckpts, tmp_path) -> None:

@@ -280,6 +280,36 @@ def convert_cmd(
     run_guarded(go, "OUT argument")
 
 
+@app.command("info")
+def info_cmd(
+    path: Annotated[str, typer.Argument(help="a checkpoint (.safetensors or official .ckpt) or a run folder")],
+    config: Annotated[str | None, typer.Option(
+        help="an official .ckpt's YAML (default: configs/*-project.yaml of its run folder)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
+) -> None:
+    """What a checkpoint or run folder is (kind, architecture, codebook, conditioning) and the
+    commands that take it."""
+    import json
+
+    from rich.table import Table
+
+    from vqgan_cli.info import describe, render
+
+    def go() -> None:
+        info = describe(path, config)
+        if as_json:
+            print(json.dumps(info, indent=2))
+            return
+        table = Table(title=str(path), show_header=False)
+        table.add_column("field", style="bold")
+        table.add_column("value", overflow="fold")
+        for k, v in render(info):
+            table.add_row(k, v)
+        console.print(table)
+
+    run_guarded(go)
+
+
 def _sample_guarded(fn: Callable[[], T]) -> T:
     """run_guarded, plus sample/upscale's own usage errors (exit 2, before any sampling)."""
     from vqgan_cli.sample_inputs import SampleUsageError
@@ -308,9 +338,11 @@ def _sample_summary(title: str, r) -> None:  # noqa: ANN001 - a generate.SampleR
 @app.command("sample")
 def sample_cmd(
     prior: Annotated[str, typer.Option(
-        help="prior checkpoint (.safetensors) or an official transformer .ckpt")],
+        help="prior checkpoint (.safetensors), an official transformer .ckpt or its run folder")],
     tokenizer: Annotated[str | None, typer.Option(
         help="image tokenizer (default: the one the prior records)")] = None,
+    config: Annotated[str | None, typer.Option(
+        help="an official .ckpt's YAML (default: configs/*-project.yaml of its run folder)")] = None,
     n: Annotated[int, typer.Option("--n", help="images to draw (per class with several --class)")] = 4,
     batch_size: Annotated[int, typer.Option(help="images sampled together")] = 4,
     seed: Annotated[int, typer.Option(help="image i uses seed + i")] = 0,
@@ -347,7 +379,7 @@ def sample_cmd(
 
     def go() -> None:
         r = run_sample(SampleRequest(
-            prior=prior, tokenizer=tokenizer, n=n, batch_size=batch_size, seed=seed,
+            prior=prior, tokenizer=tokenizer, config=config, n=n, batch_size=batch_size, seed=seed,
             temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
             classes=list(classes or []), cond=cond, size=size, init=init, keep=keep, window=window,
             cache=cache, precision=precision, decode=decode, out=str(out), grid=grid, device=device,

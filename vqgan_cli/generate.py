@@ -30,6 +30,7 @@ from vqgan_cli.sample_inputs import (
     check_conditioning,
     checkpoint_hashes,
     cond_grid,
+    coord_map,
     crop_grid,
     init_tokens,
     load_models,
@@ -47,6 +48,7 @@ class SampleRequest:
 
     prior: str
     tokenizer: str | None = None
+    config: str | None = None  # the official model's YAML (--config); else found in its run folder
     n: int = 1
     batch_size: int = 4
     seed: int = 0
@@ -151,6 +153,8 @@ def plan_sample(req: SampleRequest, models: Models, notes: list[str]) -> Plan:
     cond = None
     if req.cond is not None:
         cond = cond_grid(prior, read_cond_map(req.cond, prior, h * tok.factor, w * tok.factor, notes), h, w)
+    elif prior.cond.kind == "coord":
+        cond = cond_grid(prior, coord_map(h * tok.factor, w * tok.factor), h, w)
     init = known = None
     if req.init is not None:
         init = init_tokens(req.init, tok, h, w, notes)
@@ -256,7 +260,7 @@ def run_sample(req: SampleRequest, models: Models | None = None) -> SampleReport
 
     _basic_checks(req)
     notes: list[str] = []
-    models = models or load_models(req.prior, req.tokenizer, resolve_device(req.device))
+    models = models or load_models(req.prior, req.tokenizer, resolve_device(req.device), req.config, notes)
     opts = _options(req, models)
     plan = plan_sample(req, models, notes)
     hashes = checkpoint_hashes(models)

@@ -59,12 +59,20 @@ def vocab_of(tok: VQGAN) -> int:
 
 
 def load_models(prior_path: str | Path, tokenizer_path: str | Path | None,
-                device: torch.device) -> Models:
-    """Load the prior and its tokenizer; errors when they do not belong together."""
-    from vqgan_cli.loading import is_safetensors, load_prior, load_tokenizer
+                device: torch.device, config: str | Path | None = None,
+                notes: list[str] | None = None) -> Models:
+    """Load the prior and its tokenizer; errors when they do not belong together.
 
-    prior_path = Path(prior_path)
-    prior = load_prior(prior_path)
+    ``prior_path``: a file or an official run folder; ``config``: the official YAML
+    (``--config``); what was found for the user (checkpoint, YAML) is added to ``notes``."""
+    from vqgan_cli.loading import is_safetensors, load_prior, load_tokenizer
+    from vqgan_cli.resolve import resolve_model
+
+    resolved = resolve_model(prior_path, config)
+    if resolved.note and notes is not None:
+        notes.append(resolved.note)
+    prior_path, config = resolved.path, resolved.config
+    prior = load_prior(prior_path, config)
     info = read_weights(prior_path).info if is_safetensors(prior_path) else {}
     rec_path, rec_sha = _recorded_tokenizer(info)
     if tokenizer_path is not None:
@@ -79,7 +87,7 @@ def load_models(prior_path: str | Path, tokenizer_path: str | Path | None,
             raise SampleUsageError(f"{prior_path} was trained with the tokenizer {rec_path}, which "
                                    "was not found (next to the prior or from here); pass --tokenizer")
         tok_path = found
-    tok = load_tokenizer(tok_path)
+    tok = load_tokenizer(tok_path, config if tok_path == prior_path else None)
     if tok.config.modality != "image":
         raise SampleUsageError(f"{tok_path} is a {tok.config.modality} tokenizer; samples need the "
                                "image tokenizer the prior was trained with")
@@ -170,7 +178,7 @@ def read_cond_map(spec: str, prior: Prior, h_px: int, w_px: int, notes: list[str
             if modality == "image":
                 arr, what = read_image(spec), "image"
             else:
-                m = read_map(spec)
+                m = read_map(spec, label_shift=prior.cond.label_shift if kind == "spatial" else 0)
                 arr, what = m.array, m.kind
         except DataError as e:
             raise SampleUsageError(str(e)) from None
@@ -231,8 +239,15 @@ def check_conditioning(prior: Prior, cond: str | None, classes: list[int]) -> No
     if prior.cond.spatial:
         if classes:
             raise SampleUsageError(f"this prior is conditioned on {kind} maps: use --cond, not --class")
-        if cond is None:
+        if cond is None and kind != "coord":  # coordinates are made from the sample size
             raise SampleUsageError(f"this prior is conditioned on {kind} maps: pass --cond MAP.png")
+
+
+def coord_map(h_px: int, w_px: int) -> torch.Tensor:
+    """The reference's coordinate input (taming.data.faceshq, ``coord=True``): pixel ``i`` in
+    raster order holds ``i / (h*w)``; (1, 1, H, W)."""
+    n = h_px * w_px
+    return (torch.arange(n, dtype=torch.float64) / n).float().reshape(1, 1, h_px, w_px)
 
 
 def init_tokens(path: str, tok: VQGAN, h: int, w: int, notes: list[str]) -> torch.Tensor:

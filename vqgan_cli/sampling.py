@@ -10,7 +10,8 @@ softmax. Two decisions make samples reproducible:
 - Classifier-free guidance runs the conditional and the unconditional ("null") sequences as one
   batch of 2B rows and mixes their logits, ``u + s * (c - u)``, before temperature and filtering.
 
-The window samplers (:mod:`vqgan_cli.window`) reuse :func:`pick_tokens` and :class:`Guided`.
+The window samplers (:mod:`vqgan_cli.window`) reuse :func:`draw_tokens` and :class:`Guided`, with
+one uniform number per grid position instead of one per step.
 """
 
 from __future__ import annotations
@@ -78,19 +79,25 @@ def filter_logits(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
     return logits
 
 
+def draw_tokens(logits: torch.Tensor, opts: SamplingOptions, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``logits`` (N, V) from the uniform numbers ``u`` (N,): the inverse
+    CDF of the filtered softmax at ``u``."""
+    probs = filter_logits(logits, opts).softmax(-1)  # (N, V)
+    cdf = probs.cumsum(-1)  # (N, V)
+    target = (u.to(cdf.device) * cdf[:, -1]).to(cdf.dtype).unsqueeze(1)  # (N, 1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return idx.clamp_(max=probs.shape[-1] - 1)
+
+
 def pick_tokens(logits: torch.Tensor, opts: SamplingOptions, generators: list[torch.Generator],
                 rows_per_generator: int = 1) -> torch.Tensor:
     """Draw one token per row of ``logits`` (N, V); N = len(generators) * rows_per_generator.
 
-    Rows are grouped generator-major: rows [g*r, (g+1)*r) draw from generator g (r windows of
-    the same sample in the window sampler). Inverse CDF of one uniform per row.
+    Rows are grouped generator-major: rows [g*r, (g+1)*r) draw from generator g, one uniform
+    number each (:func:`draw_tokens`).
     """
-    probs = filter_logits(logits, opts).softmax(-1)  # (N, V)
     u = torch.cat([torch.rand(rows_per_generator, generator=g) for g in generators])  # (N,)
-    cdf = probs.cumsum(-1)  # (N, V)
-    target = (u * cdf[:, -1]).to(cdf.dtype).unsqueeze(1).to(cdf.device)  # (N, 1)
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    return idx.clamp_(max=probs.shape[-1] - 1)
+    return draw_tokens(logits, opts, u)
 
 
 class Guided:
