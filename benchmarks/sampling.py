@@ -1,42 +1,67 @@
 #!/usr/bin/env python
-"""Sampling speed and memory: cached vs plain decoding, blockwise vs per-token sliding windows.
+"""Sampling speed: our cached decoding against the reference's, and the sliding-window schemes
+against the reference's window loop. Every ratio is measured within this one run.
 
     python benchmarks/sampling.py [--preset quickstart|issue] [--quick] [--threads T]
-                                  [--per-token-positions N] [--skip-memory]
+                                  [--band-rows N | --full] [--fast-table] [--skip-memory]
 
-(a) tokens/s drawing 256 tokens (start-token conditioning) at batch 1 and 8, with the key/value
-    cache and with a full forward per token (the reference's plain loop).
-(b) one segmentation-conditioned 1280x832 sample (f8: a 160x104 token grid): seconds for the
-    blockwise window and for the per-token window. The per-token scheme costs the same full
-    window forward at every position, so it is timed on its first N positions and extrapolated
-    to the whole grid; the output says so. Then the peak memory (RSS of a fresh process) of
-    blockwise sampling at 1280x832 and at 2560x1664.
+(a) 256 tokens after a start token at batch 1 and 8: ours (``sample_sequence``: preallocated
+    key/value cache, SDPA) against a reference-style cached sampler written here after the
+    reference's ``sample_with_past`` / minGPT ``forward_with_past`` (each step concatenates the
+    list of past keys/values with ``torch.cat`` and attends with explicit matmuls and softmax),
+    loaded with the very same weights; and the plain loop (a full forward per token).
+(b) a labels-conditioned 1280x832 sample (f8: a 160x104 token grid, 8x8-token crop, 64
+    conditioning tokens per window) with a random-weight prior:
+    - the reference loop (``window.sample_sequential``: a full window forward per token at
+      batch 1) on the first ``--band-rows`` rows of the grid, timed once before and once after
+      the batched schemes (the machine's load drifts) and EXTRAPOLATED to the whole grid: every
+      position costs the same full-window forward, so time scales with the number of positions
+      (``--full``: time the whole grid, 16,640 forwards, about 4-6 minutes in fp32);
+    - ``--window exact`` and ``--window fast`` on the whole grid;
+    at equal precision, fp32 and bf16 autocast. The reference loop and ``exact`` must draw the
+    same tokens on the rows both computed (fp32); the script checks it.
+    ``--fast-table``: ``fast``'s speed over segment lengths and band heights.
+    Then the peak memory (RSS of a fresh process) of ``fast`` at 1280x832 and 2560x1664.
 
 Presets: ``quickstart`` is recipes/quickstart_prior.yaml's shape (4 layers, 4 heads, 256 wide,
-8x8-token crop, 8 labels, 256 codes); ``issue`` the issue's comparison model (8 layers, 8 heads,
-256 wide, 16x16-token crop, block 512). Weights are random: speed does not depend on them.
+8x8-token crop, 8 labels, 256 codes); ``issue`` a larger model (8 layers, 8 heads, 256 wide,
+16x16-token crop, block 511). Weights are random: speed does not depend on them. The last line
+is ``RESULTS {json}`` with every number printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
 import time
+from functools import partial
 
 import torch
+import torch.nn as nn
+from torch.nn import functional as F
 
 from vqgan_cli.models.gpt import GPT, GPTConfig
-from vqgan_cli.sampling import SamplingOptions, make_generators, sample_sequence
-from vqgan_cli.window import Conditioning, sample_blockwise, sample_per_token
+from vqgan_cli.sampling import SamplingOptions, filter_logits, make_generators, sample_sequence
+from vqgan_cli.window import (
+    Conditioning,
+    max_rows,
+    max_segment,
+    plan_windows,
+    precision_context,
+    sample_sequential,
+    sample_window,
+)
 
 PRESETS = {  # layers, heads, width, crop side (tokens), image vocab, labels
     "quickstart": (4, 4, 256, 8, 256, 8),
     "issue": (8, 8, 256, 16, 1024, 182),
 }
 FACTOR = 8
+RESULTS: dict = {}
 
 
 def build(preset: str, block: int) -> GPT:
@@ -46,23 +71,147 @@ def build(preset: str, block: int) -> GPT:
                          n_embd=width)).eval()
 
 
+# ---- (a) the reference's cached sampling: minGPT forward_with_past + sample_with_past ---------
+
+
+class RefAttention(nn.Module):
+    """minGPT attention with ``layer_past``: keys/values of the new tokens are concatenated to
+    the past ones with torch.cat; explicit q k^T, mask (first call only), softmax, att @ v."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        C = cfg.n_embd
+        self.key, self.query, self.value, self.proj = (nn.Linear(C, C) for _ in range(4))
+        self.n_head = cfg.n_head
+        self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size))
+                             .view(1, 1, cfg.block_size, cfg.block_size))
+
+    def forward(self, x: torch.Tensor, layer_past: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        nh = self.n_head
+        k = self.key(x).view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
+        q = self.query(x).view(B, T, nh, C // nh).transpose(1, 2)
+        v = self.value(x).view(B, T, nh, C // nh).transpose(1, 2)
+        present = torch.stack((k, v))  # (2, B, nh, T, hs)
+        if layer_past is not None:
+            past_key, past_value = layer_past
+            k = torch.cat((past_key, k), dim=-2)
+            v = torch.cat((past_value, v), dim=-2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        if layer_past is None:
+            att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.proj(y), present
+
+
+class RefBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        C = cfg.n_embd
+        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
+        self.attn = RefAttention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor, layer_past: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        a, present = self.attn(self.ln1(x), layer_past)
+        x = x + a
+        return x + self.mlp(self.ln2(x)), present
+
+
+class RefGPT(nn.Module):
+    """Parameter names as ours (and minGPT's): loads our GPT's state dict with strict=True."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.block_size, cfg.n_embd))
+        self.drop = nn.Dropout(0.0)
+        self.blocks = nn.ModuleList(RefBlock(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+
+    def forward_with_past(self, idx: torch.Tensor, past: torch.Tensor | None = None,
+                          past_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As the reference: ``past`` (n_layer, 2, B, nh, past_length, hs) or None; returns the
+        logits and this call's keys/values (n_layer, 2, B, nh, T, hs)."""
+        x = self.tok_emb(idx)
+        if past is not None:
+            x = x + self.pos_emb[:, past_length, :]
+        else:
+            x = x + self.pos_emb[:, :idx.shape[1], :]
+        x = self.drop(x)
+        presents = []
+        for i, block in enumerate(self.blocks):
+            x, present = block(x, layer_past=past[i] if past is not None else None)
+            presents.append(present)
+        return self.head(self.ln_f(x)), torch.stack(presents)
+
+
+@torch.no_grad()
+def sample_with_past(x: torch.Tensor, model: RefGPT, steps: int, opts: SamplingOptions,
+                     generator: torch.Generator) -> torch.Tensor:
+    """The reference's loop: ``past`` is a list of every step's presents, concatenated whole
+    (torch.cat along the sequence) at every step; top-k, softmax, multinomial."""
+    sample, cond_len, past = x, x.shape[1], None
+    for n in range(steps):
+        cat = torch.cat(past, dim=-2) if past is not None else None
+        logits, present = model.forward_with_past(x, past=cat, past_length=n + cond_len - 1)
+        past = [present] if past is None else past + [present]
+        probs = F.softmax(filter_logits(logits[:, -1, :], opts), dim=-1)
+        x = torch.multinomial(probs, num_samples=1, generator=generator)
+        sample = torch.cat((sample, x), dim=1)
+    return sample[:, cond_len:]
+
+
+def reference_model(gpt: GPT) -> RefGPT:
+    ref = RefGPT(gpt.cfg).eval()
+    ref.load_state_dict(gpt.state_dict(), strict=True)
+    return ref
+
+
+def _timed(fn) -> tuple[float, object]:  # noqa: ANN001
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
 def bench_cache(preset: str, n_tokens: int) -> None:
     gpt = build(preset, n_tokens)
+    ref = reference_model(gpt)
     opts = SamplingOptions(top_k=100)
-    print(f"(a) {n_tokens} tokens after a start token, preset {preset}")
-    for batch in (1, 8):
-        cond = torch.zeros(batch, 1, dtype=torch.long)
-        row = []
-        for cached in (True, False):
-            t0 = time.perf_counter()
-            out = sample_sequence(gpt, cond, n_tokens, opts, make_generators(list(range(batch))),
-                                  cached=cached)
-            dt = time.perf_counter() - t0
-            row.append((dt, out))
-        same = torch.equal(row[0][1], row[1][1])
-        print(f"    batch {batch}: cached {row[0][0]:6.2f} s ({batch * n_tokens / row[0][0]:7.1f} tok/s)"
-              f" | uncached {row[1][0]:6.2f} s ({batch * n_tokens / row[1][0]:7.1f} tok/s)"
-              f" | speed-up {row[1][0] / row[0][0]:4.1f}x | identical tokens: {same}")
+    print(f"(a) {n_tokens} tokens after a start token, preset {preset}; seconds (tokens/s)")
+    RESULTS["cache"] = {}
+    for precision in ("fp32", "bf16"):
+        for batch in (1, 8):
+            cond = torch.zeros(batch, 1, dtype=torch.long)
+            gens = list(range(batch))
+
+            def ref_run(cond: torch.Tensor = cond) -> object:
+                return sample_with_past(cond, ref, n_tokens, opts, torch.Generator().manual_seed(0))
+
+            def ours(cond: torch.Tensor = cond, gens: list[int] = gens, cached: bool = True) -> object:
+                return sample_sequence(gpt, cond, n_tokens, opts, make_generators(gens), cached=cached)
+
+            with precision_context(gpt, precision):  # interleaved: load drifts hit both alike
+                r1, _ = _timed(ref_run)
+                o1, _ = _timed(ours)
+                p, _ = _timed(lambda: ours(cached=False))  # noqa: B023 - called right here
+                r2, _ = _timed(ref_run)
+                o2, _ = _timed(ours)
+            r, o = (r1 + r2) / 2, (o1 + o2) / 2
+            n = batch * n_tokens
+            print(f"    {precision} batch {batch}: ours {o:6.2f} s ({n / o:7.1f}) | reference-style cached "
+                  f"{r:6.2f} s ({n / r:7.1f}) | plain loop {p:6.2f} s ({n / p:7.1f}) | "
+                  f"ours/reference {r / o:4.2f}x, ours/plain {p / o:4.1f}x")
+            RESULTS["cache"][f"{precision}_b{batch}"] = {"ours": o, "reference": r, "plain": p,
+                                                         "ratio_reference": r / o, "ratio_plain": p / o}
+
+
+# ---- (b) sliding windows -------------------------------------------------------------------------
 
 
 def seg_problem(preset: str, width: int,
@@ -73,43 +222,95 @@ def seg_problem(preset: str, width: int,
     crop = PRESETS[preset][3]
     gpt = build(preset, 2 * crop * crop - 1)
     h, w = height // FACTOR, width // FACTOR
-    # the scene rendered directly at token resolution (one label per f x f cell): the same kind
-    # of map, without the full-size render's memory peak muddying the measurement
+    # the scene rendered directly at token resolution (one label per f x f cell)
     labels = render_landscape(3, h, w).labels
     grid = torch.from_numpy(labels.astype("int64"))[None]
     return gpt, Conditioning(grid=grid), torch.zeros(1, h, w, dtype=torch.long), (crop, crop)
 
 
-def bench_window(preset: str, positions: int) -> None:
-    gpt, cond, init, crop = seg_problem(preset, 1280, 832)
+class CountForwards:
+    """Counts full forwards of a GPT (the reference loop calls ``gpt(seq)`` once per token)."""
+
+    def __init__(self, gpt: GPT):
+        self.n = 0
+        self.handle = gpt.register_forward_hook(self)
+
+    def __call__(self, *args) -> None:  # noqa: ANN002
+        self.n += 1
+
+
+def bench_window(preset: str, size: tuple[int, int], band_rows: int | None, fast_table: bool) -> None:
+    gpt, cond, init, crop = seg_problem(preset, *size)
     _, h, w = init.shape
     opts = SamplingOptions(top_k=100)
-    print(f"(b) 1280x832 segmentation-conditioned sample: {w}x{h} tokens, crop {crop[1]}x{crop[0]} "
-          f"tokens, preset {preset}")
-    def per_token_subset() -> float:
-        t0 = time.perf_counter()
-        sample_per_token(gpt, cond, init, crop, opts, make_generators([0]), limit=positions)
-        return time.perf_counter() - t0
+    n_pos = h * w
+    full = band_rows is None or band_rows >= h
+    rows = h if full else band_rows
+    seg = max_segment(crop)
+    exact_plan = plan_windows((h, w), crop)
+    fast_plan = plan_windows((h, w), crop, None, seg, max_rows(crop))
+    print(f"(b) {size[0]}x{size[1]} labels-conditioned sample: {w}x{h} tokens, crop {crop[1]}x{crop[0]}, "
+          f"preset {preset}, one image")
+    print(f"    schedule: exact {exact_plan.n_steps} steps of window forwards for {n_pos} tokens; fast "
+          f"(segment {seg}, rows {max_rows(crop)}) {fast_plan.n_steps} steps of "
+          f"{len({u.tile for u in fast_plan.units})} cached windows")
+    res: dict = {"grid": [h, w], "crop": list(crop), "positions": n_pos, "timed_rows": rows,
+                 "exact_steps": exact_plan.n_steps, "fast_steps": fast_plan.n_steps, "segment": seg}
 
-    first = per_token_subset()  # timed before and after the blockwise runs (load drifts)
-    times = {}
+    def reference(precision: str) -> tuple[float, torch.Tensor, int]:
+        counter = CountForwards(gpt)
+        with precision_context(gpt, precision):
+            t, out = _timed(lambda: sample_sequential(gpt, cond, init, crop, opts, make_generators([0]),
+                                                      limit=None if full else rows * w))
+        counter.handle.remove()
+        return t, out, counter.n
+
     for precision in ("fp32", "bf16"):
-        t0 = time.perf_counter()
-        sample_blockwise(gpt, cond, init, crop, opts, make_generators([0]), precision=precision)
-        times[precision] = time.perf_counter() - t0
-    block_s = times["fp32"]
-    part = (first + per_token_subset()) / 2
-    per_token_s = part / positions * h * w
-    for precision, t in times.items():
-        print(f"    blockwise {precision} (cached, wavefront batches): {t:7.1f} s "
-              f"({h * w / t:.0f} tokens/s, {1000 * t / (h * w):.2f} ms/token)")
-    print(f"    per-token (reference placement): EXTRAPOLATED from {positions} of {h * w} positions "
-          f"timed ({part:.1f} s, mean of a run before and one after the blockwise runs; "
-          f"{1000 * part / positions:.1f} ms per window forward): "
-          f"{per_token_s:7.1f} s for the whole grid")
-    print(f"    blockwise is {per_token_s / block_s:.0f}x faster in fp32 ({per_token_s / times['bf16']:.0f}x "
-          f"in bf16); cost per output token = {block_s / (h * w) / (part / positions):.1%} of a "
-          f"full-window forward (fp32)")
+        t_ref1, ref_tokens, forwards = reference(precision)
+        t_exact, exact_tokens = _timed(partial(sample_window, gpt, cond, init, crop, opts, make_generators([0]),
+                                               mode="exact", precision=precision))
+        t_fast, _ = _timed(partial(sample_window, gpt, cond, init, crop, opts, make_generators([0]),
+                                   mode="fast", precision=precision))
+        t_ref2 = t_ref1 if full else reference(precision)[0]
+        part = (t_ref1 + t_ref2) / 2
+        t_ref = part * n_pos / (rows * w)
+        same = bool(torch.equal(ref_tokens[:, :rows], exact_tokens[:, :rows]))
+        what = ("the whole grid, timed" if full else
+                f"EXTRAPOLATED from its first {rows} rows ({forwards} window forwards, {part:.1f} s: mean "
+                f"of a run before and one after the batched runs; {1000 * part / forwards:.1f} ms each)")
+        print(f"    {precision}: reference loop {t_ref:7.1f} s for the whole grid, {what}")
+        check = (f"tokens identical to the loop's on the {rows} rows both drew: {same}" if precision == "fp32"
+                 else "(bf16 rounding differs between batch shapes: tokens not compared)")
+        print(f"    {precision}: exact {t_exact:7.1f} s ({n_pos / t_exact:.0f} tokens/s) = "
+              f"{t_ref / t_exact:.2f}x the reference loop; {check}")
+        print(f"    {precision}: fast  {t_fast:7.1f} s ({n_pos / t_fast:.0f} tokens/s) = "
+              f"{t_ref / t_fast:.1f}x the reference loop, {t_exact / t_fast:.1f}x exact")
+        res[precision] = {"reference": t_ref, "reference_part": part, "forwards": forwards,
+                          "exact": t_exact, "fast": t_fast, "exact_ratio": t_ref / t_exact,
+                          "fast_ratio": t_ref / t_fast, "identical": same}
+    RESULTS["window"] = res
+    if fast_table:
+        bench_fast_table(gpt, cond, init, crop, opts, res)
+
+
+def bench_fast_table(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[int, int],
+                     opts: SamplingOptions, res: dict) -> None:
+    print("    fast over segment length x band height (seconds, one image):")
+    print("    | segment | rows | steps | windows | fp32 s | bf16 s |")
+    print("    |---|---|---|---|---|---|")
+    table = []
+    for seg in sorted({2, 3, 4, max_segment(crop)}):
+        for rows in (1, max_rows(crop)):
+            plan = plan_windows(init.shape[1:], crop, None, seg, rows)
+            times = {}
+            for precision in ("fp32", "bf16"):
+                times[precision], _ = _timed(partial(
+                    sample_window, gpt, cond, init, crop, opts, make_generators([0]), mode="fast",
+                    segment=seg, rows=rows, precision=precision))
+            tiles = len({u.tile for u in plan.units})
+            print(f"    | {seg} | {rows} | {plan.n_steps} | {tiles} | {times['fp32']:.1f} | {times['bf16']:.1f} |")
+            table.append({"segment": seg, "rows": rows, "steps": plan.n_steps, "windows": tiles, **times})
+    res["fast_table"] = table
 
 
 def _child(preset: str, width: int, height: int) -> None:
@@ -118,15 +319,15 @@ def _child(preset: str, width: int, height: int) -> None:
     with open("/proc/self/statm") as fh:  # resident pages now (ru_maxrss is a lifetime peak)
         before = int(fh.read().split()[1]) * resource.getpagesize() / 2**20
     t0 = time.perf_counter()
-    sample_blockwise(gpt, cond, init, crop, SamplingOptions(top_k=100), make_generators([0]))
+    sample_window(gpt, cond, init, crop, SamplingOptions(top_k=100), make_generators([0]), mode="fast",
+                  precision="bf16")
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"before": before, "peak": peak, "seconds": dt}))
 
 
 def bench_memory(preset: str, threads: int | None) -> None:
-    print("    peak memory of blockwise sampling (fresh process each; sampling only, decoding "
-          "excluded: decode_tiles bounds that by its tile):")
+    print("    peak memory of fast sampling, bf16 (fresh process each; sampling only):")
     res = {}
     for width, height in ((1280, 832), (2560, 1664)):
         cmd = [sys.executable, __file__, "--child", f"{width}x{height}", "--preset", preset]
@@ -134,24 +335,24 @@ def bench_memory(preset: str, threads: int | None) -> None:
             cmd += ["--threads", str(threads)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        res[width] = r
+        res[f"{width}x{height}"] = r
         print(f"      {width}x{height}: peak RSS {r['peak']:7.1f} MiB (process before sampling "
               f"{r['before']:6.1f} MiB, +{r['peak'] - r['before']:.1f} MiB while sampling), "
               f"{r['seconds']:.1f} s")
-    a, b = res[1280], res[2560]
-    print(f"      ratio 2560x1664 / 1280x832: peak {b['peak'] / a['peak']:.2f}x, "
-          f"sampling increment {(b['peak'] - b['before']) / max(a['peak'] - a['before'], 1e-9):.2f}x "
-          f"(image has 4x the tokens)")
+    RESULTS["memory"] = res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="quickstart")
-    ap.add_argument("--quick", action="store_true", help="64 tokens in (a), 20 positions in (b)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: 32 tokens in (a), a 256x192 image and 2 timed rows in (b)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared, loaded CPU more threads spin and "
                          "slow single-token steps down many times)")
-    ap.add_argument("--per-token-positions", type=int, default=60)
+    ap.add_argument("--band-rows", type=int, default=4, help="rows of the reference loop timed")
+    ap.add_argument("--full", action="store_true", help="time the reference loop on the whole grid")
+    ap.add_argument("--fast-table", action="store_true", help="fast over segment lengths and band heights")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--only", choices=("a", "b"), default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -162,13 +363,18 @@ def main() -> None:
         w, h = map(int, args.child.split("x"))
         _child(args.preset, w, h)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 on CPU")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; load average before: "
+          f"{open('/proc/loadavg').read().split()[0]}")
     if args.only in (None, "a"):
-        bench_cache(args.preset, 64 if args.quick else 256)
+        bench_cache(args.preset, 32 if args.quick else 256)
     if args.only in (None, "b"):
-        bench_window(args.preset, 20 if args.quick else args.per_token_positions)
-        if not args.skip_memory:
+        size = (256, 192) if args.quick else (1280, 832)
+        bench_window(args.preset, size, None if args.full else (2 if args.quick else args.band_rows),
+                     args.fast_table)
+        if not (args.skip_memory or args.quick):
             bench_memory(args.preset, args.threads)
+    print(f"load average after: {open('/proc/loadavg').read().split()[0]}")
+    print("RESULTS " + json.dumps(RESULTS))
 
 
 if __name__ == "__main__":

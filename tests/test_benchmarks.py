@@ -1,12 +1,13 @@
 """The benchmark's baseline computes our maths, and the benchmark script runs end to end.
 
-No timing is asserted anywhere: only that the reference-style network is the same function as
-ours (given the same weights), and that ``--quick`` prints a table whose ratios are numbers.
+No speed is asserted: the baselines are checked to compute what ours computes (same weights, same
+outputs), and the ``--quick`` runs to print tables whose numbers follow from their own timings.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -121,14 +122,87 @@ def test_benchmark_quick_runs_end_to_end():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| quickstart ")]
     assert len(rows) == 5, proc.stdout  # reference + 4 eager variants (no compile in --quick)
-    ratios = {}
+    table = {}
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         _, batch, label, seconds, images, ratio, cpu_seconds = cells
-        assert int(batch) == 2
-        assert float(seconds) > 0 and float(images) > 0 and float(cpu_seconds) >= 0
-        assert ratio.endswith("x")
-        ratios[label] = float(ratio[:-1])
-    assert all(r > 0 for r in ratios.values())
-    assert ratios["reference-style eager fp32 NCHW, AE x2"] == pytest.approx(1.0)
+        assert int(batch) == 2 and ratio.endswith("x")
+        table[label] = (float(seconds), float(images), float(ratio[:-1]))
+    reference = "reference-style eager fp32 NCHW, AE x2"
+    assert set(table) == {reference, "ours eager fp32 NCHW", "ours fp32 channels_last",
+                          "ours bf16 autocast NCHW", "ours bf16 autocast + channels_last"}
+    for seconds, images, ratio in table.values():  # each row's numbers follow from its s/step
+        assert images == pytest.approx(2 / seconds, rel=0.05, abs=0.06)
+        assert ratio == pytest.approx(table[reference][0] / seconds, rel=0.05, abs=0.006)
     assert "RANDOM VGG16" in proc.stdout
+
+
+# ---- benchmarks/sampling.py ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sampling_bench():
+    return _module("sampling")
+
+
+def test_reference_cached_model_computes_our_logits(sampling_bench):
+    """forward_with_past one token at a time (torch.cat of the past) = our plain forward."""
+    from vqgan_cli.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=30, block_size=24, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.normal_(0, 0.3)
+    ref = sampling_bench.reference_model(gpt)
+    idx = torch.randint(0, 30, (3, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = gpt(idx)
+        logits, present = ref.forward_with_past(idx[:, :5])
+        past, steps = [present], [logits]
+        for t in range(5, 24):
+            logits, present = ref.forward_with_past(idx[:, t:t + 1], torch.cat(past, dim=-2), t)
+            past.append(present)
+            steps.append(logits)
+    assert torch.cat(past, dim=-2).shape == (2, 2, 3, 2, 24, 16)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_sampler_and_ours_draw_the_same_greedy_tokens(sampling_bench):
+    from vqgan_cli.models.gpt import GPT, GPTConfig
+    from vqgan_cli.sampling import SamplingOptions, make_generators, sample_sequence
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=30, block_size=40, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.normal_(0, 0.3)
+    cond = torch.tensor([[3], [7]])
+    greedy = SamplingOptions(top_k=1)
+    theirs = sampling_bench.sample_with_past(cond, sampling_bench.reference_model(gpt), 40, greedy,
+                                             torch.Generator().manual_seed(0))
+    ours = sample_sequence(gpt, cond, 40, greedy, make_generators([0, 1]))
+    assert torch.equal(theirs, ours) and len(set(ours[0].tolist())) > 1
+
+
+def test_sampling_benchmark_quick_runs_and_its_numbers_hold_together():
+    cmd = [sys.executable, str(BENCH / "sampling.py"), "--quick", "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("RESULTS "))
+    for key in ("fp32_b1", "fp32_b8", "bf16_b1", "bf16_b8"):
+        c = res["cache"][key]
+        assert c["ratio_reference"] == pytest.approx(c["reference"] / c["ours"])
+    w = res["window"]
+    H, W = w["grid"]
+    assert (H, W) == (24, 32) and w["crop"] == [8, 8] and w["timed_rows"] == 2
+    # a row starts 8 steps after the one above it (module docstring of test_window)
+    assert w["exact_steps"] == 8 * (H - 1) + W
+    for precision in ("fp32", "bf16"):
+        r = w[precision]
+        assert r["forwards"] == 2 * W  # the reference loop ran one window forward per token
+        assert r["reference"] == pytest.approx(r["reference_part"] * H * W / (2 * W))
+        assert r["exact_ratio"] == pytest.approx(r["reference"] / r["exact"])
+    assert w["fp32"]["identical"] is True  # the reference loop and exact drew the same tokens
+    assert w["fp32"]["fast"] < w["fp32"]["exact"]  # ~6x apart at this size
+    assert "EXTRAPOLATED from its first 2 rows (64 window forwards" in proc.stdout
