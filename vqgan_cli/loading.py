@@ -31,6 +31,7 @@ from vqgan_cli.official import read_model_yaml, split_prefix, strict_load
 from vqgan_cli.official_prior import build_prior, is_transformer_state
 from vqgan_cli.official_tokenizer import build_tokenizer, install_remap, remap_setting
 from vqgan_cli.prior import Prior, PriorConfig, build_order
+from vqgan_cli.resolve import label_shift_for, read_yaml_file, resolve_model
 from vqgan_cli.safe_pickle import RawCheckpoint, load_official_checkpoint
 
 TOKENIZER_FORMAT = "vqgan-tokenizer"
@@ -83,9 +84,8 @@ def load_tokenizer(path: str | Path, config: str | Path | dict | None = None,
     ``resolution``: training resolution of an official model without YAML (default 256); it
     only decides where attention layers sit. ``unknown_index``: see ``official_tokenizer``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+    r = resolve_model(path, config)
+    path, config = r.path, (config if isinstance(config, dict) else r.config)
     if is_safetensors(path):
         state, cfg_dict, info = _ours(path, TOKENIZER_FORMAT, config)
         model = _our_tokenizer(state, _config(TokenizerConfig, cfg_dict, path),
@@ -115,9 +115,8 @@ def load_prior(path: str | Path, config: str | Path | dict | None = None, *,
     Official files without YAML need ``n_head`` (no shape carries it) and, for class
     conditioning, ``cond_kind="class"`` (start-token and class conditioning look alike).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+    r = resolve_model(path, config)
+    path, config = r.path, (config if isinstance(config, dict) else r.config)
     if is_safetensors(path):
         state, cfg_dict, info = _ours(path, PRIOR_FORMAT, config)
         cfg: PriorConfig = _config(PriorConfig, cfg_dict, path)
@@ -137,8 +136,18 @@ def load_prior(path: str | Path, config: str | Path | dict | None = None, *,
         raise CheckpointError(f"{path}: no transformer.* keys: a tokenizer, not a prior "
                               "(use load_tokenizer)")
     model_yaml, yname = read_model_yaml(config)
-    return build_prior(raw.state_dict, str(path), model_yaml, yname, n_head, cond_kind,
-                       n_classes, resolution, unknown_index).prior
+    prior = build_prior(raw.state_dict, str(path), model_yaml, yname, n_head, cond_kind,
+                        n_classes, resolution, unknown_index).prior
+    _set_label_shift(prior, config)
+    return prior
+
+
+def _set_label_shift(prior: Prior, config: str | Path | dict | None) -> None:
+    """The release's label convention for segmentation maps (its data config), on the prior."""
+    tok = prior.cond_tokenizer
+    if tok is not None and tok.config.modality == "segmentation":
+        full = config if isinstance(config, dict) else read_yaml_file(config)
+        prior.config.cond.label_shift = label_shift_for(full, tok.config.n_labels)
 
 
 def save_tokenizer(path: str | Path, model: VQGAN, info: dict | None = None) -> Path:
@@ -189,13 +198,17 @@ def convert_checkpoint(src: str | Path, out: str | Path, config: str | Path | di
                        cond_kind: str | None = None, n_classes: int | None = None,
                        resolution: int | None = None, unknown_index: int | str = "random") -> Path:
     """Write an official tokenizer or transformer ``.ckpt`` in our format; returns ``out``."""
-    src, out = Path(src), Path(out)
+    r = resolve_model(src, config)
+    src, out, config = r.path, Path(out), (config if isinstance(config, dict) else r.config)
+    if is_safetensors(src):
+        raise CheckpointError(f"{src}: already in our format (nothing to convert)")
     raw = load_official_checkpoint(src)
     model_yaml, yname = read_model_yaml(config)
     info: dict[str, Any] = {"converted_from": src.name, "global_step": raw.global_step}
     if is_transformer_state(raw.state_dict):
         built = build_prior(raw.state_dict, str(src), model_yaml, yname, n_head, cond_kind,
                             n_classes, resolution, unknown_index)
+        _set_label_shift(built.prior, config)
         tok_path = _side_file(out, "tokenizer")
         save_tokenizer(tok_path, built.tokenizer, dict(info))
         info.update(tokenizer=tok_path.name,

@@ -26,6 +26,7 @@ from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.official import get_param, mismatch, need, split_prefix, strict_load, target_name
 from vqgan_cli.official_tokenizer import DEFAULT_RESOLUTION, build_tokenizer
 from vqgan_cli.prior import CondConfig, Prior, PriorConfig, StoredOrder
+from vqgan_cli.resolve import CONFIG_HINT
 
 PREFIXES = ("first_stage_model.", "cond_stage_model.", "transformer.", "permuter.")
 _PERMUTER_NAMES = {"Identity": "identity", "AlternateParsing": "alternate", "ZCurve": "zcurve",
@@ -72,8 +73,8 @@ def infer_gpt_config(state: dict[str, torch.Tensor], source: str, n_head: int | 
     if n_head is not None and heads != n_head:
         raise mismatch(yaml_name, f"{where}.n_head", heads, n_head, "n_head option")
     if heads is None:
-        raise CheckpointError(f"{source}: n_head cannot be read from tensor shapes; pass the "
-                              "model's YAML (config=...) or n_head=...")
+        raise CheckpointError(f"{source}: n_head cannot be read from tensor shapes; it needs the "
+                              f"model's YAML: {CONFIG_HINT} (in Python: config=... or n_head=...)")
     if n_embd % int(heads):
         raise CheckpointError(f"{source}: n_embd {n_embd} (transformer.tok_emb.weight) is not a "
                               f"multiple of n_head {heads}")
@@ -173,7 +174,7 @@ def build_prior(state: dict[str, torch.Tensor], source: str, model_yaml: dict | 
         kind = cond_kind or "sos"
         if kind not in ("sos", "class"):
             raise CheckpointError(f"{source}: {kind} conditioning without weights needs the "
-                                  "model's YAML (config=...)")
+                                  f"model's YAML: {CONFIG_HINT} (in Python: config=...)")
         cond = CondConfig(kind=kind, n_classes=n_classes if kind == "class" else None)
 
     gpt_cfg = infer_gpt_config(split_prefix(state, "transformer."), source, n_head,

@@ -55,6 +55,8 @@ class CondConfig:
     key: str = spec("image", help="dataset key of the conditioning input")
     downsample_size: int = spec(-1, help="spatial: resize the map to this square size first (-1: no)")
     n_labels: int | None = spec(None, ge=1, help="labels: label vocabulary")
+    label_shift: int = spec(0, ge=0, le=255, help="spatial segmentation: added to a map's labels "
+                                                   "(mod 256) before encoding (COCO-Stuff: 1)")
     label_factor: int | None = spec(None, ge=1, help="labels: pixels per token cell (the tokenizer's f)")
     lowres_factor: int | None = spec(None, ge=2, help="spatial: degrade the image S times first "
                                                       "(super-resolution, encode-dataset --cond lowres:S)")
