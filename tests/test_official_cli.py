@@ -217,7 +217,15 @@ def test_yaml_that_does_not_match_names_key_and_both_shapes(tmp_path):
     assert code == 2
     text = " ".join(out.split())
     assert "z_channels is 4 but the weights say 8" in text
-    assert "first_stage_model.encoder.conv_out.weight" in text
+    assert ("first key that differs: first_stage_model.encoder.conv_out.weight has shape (8, 64, 3, 3) "
+            "in the weights, (4, 64, 3, 3) from the YAML") in text
+    full["model"]["params"]["first_stage_config"]["params"]["ddconfig"]["z_channels"] = 8
+    full["model"]["params"]["transformer_config"]["params"]["block_size"] = 70
+    yml.write_text(yaml.safe_dump(full))
+    code, out = cli("sample", "--prior", str(run), "--out", str(tmp_path / "s"))
+    assert code == 2
+    assert ("transformer.pos_emb has shape (1, 64, 32) in the weights, (1, 70, 32) from the YAML"
+            in " ".join(out.split()))
 
 
 def test_config_not_found_and_config_for_our_file(tmp_path):

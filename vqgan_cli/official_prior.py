@@ -20,11 +20,11 @@ from typing import Any, NamedTuple
 import torch
 
 from vqgan_cli.checkpoints import CheckpointError
-from vqgan_cli.models.gpt import GPTConfig
+from vqgan_cli.models.gpt import GPT, GPTConfig
 from vqgan_cli.models.permuter import PERMUTERS, build_permuter
 from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.official import get_param, mismatch, need, split_prefix, strict_load, target_name
-from vqgan_cli.official_tokenizer import DEFAULT_RESOLUTION, build_tokenizer
+from vqgan_cli.official_tokenizer import DEFAULT_RESOLUTION, build_tokenizer, first_difference
 from vqgan_cli.prior import CondConfig, Prior, PriorConfig, StoredOrder
 from vqgan_cli.resolve import CONFIG_HINT
 
@@ -66,7 +66,8 @@ def infer_gpt_config(state: dict[str, torch.Tensor], source: str, n_head: int | 
     for key, value, ev in (("vocab_size", vocab, "tok_emb.weight"), ("n_embd", n_embd, "tok_emb.weight"),
                            ("block_size", block, "pos_emb"), ("n_layer", len(layers), "blocks.*")):
         if t.get(key) is not None and t[key] != value:
-            raise mismatch(yaml_name, f"{where}.{key}", t[key], value, p + ev)
+            e = mismatch(yaml_name, f"{where}.{key}", t[key], value, p + ev)
+            raise CheckpointError(str(e) + _gpt_clash(state, vocab, n_embd, block, len(layers), key, t[key]))
     if t.get("n_unmasked", 0):
         raise CheckpointError(f"{yaml_name}: {where}.n_unmasked={t['n_unmasked']} is not supported")
     heads = t.get("n_head", n_head)
@@ -82,6 +83,19 @@ def infer_gpt_config(state: dict[str, torch.Tensor], source: str, n_head: int | 
                      n_embd=n_embd, embd_pdrop=float(t.get("embd_pdrop", 0.0)),
                      resid_pdrop=float(t.get("resid_pdrop", 0.0)),
                      attn_pdrop=float(t.get("attn_pdrop", 0.0)))
+
+
+def _gpt_clash(state: dict[str, torch.Tensor], vocab: int, n_embd: int, block: int, n_layer: int,
+               key: str, yaml_value: Any) -> str:
+    """The first key where the GPT the YAML describes differs from the weights, both shapes."""
+    try:
+        values = {"vocab_size": vocab, "n_embd": n_embd, "block_size": block, "n_layer": n_layer}
+        values[key] = int(yaml_value)
+        with torch.device("meta"):
+            gpt = GPT(GPTConfig(n_head=1, **values))
+        return first_difference(gpt, state, "transformer.")
+    except Exception:  # noqa: BLE001 - a YAML too broken to build: the message above says enough
+        return ""
 
 
 def _grid(n: int, resolution: int, factor: int) -> tuple[int, int] | None:

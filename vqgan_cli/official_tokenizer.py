@@ -195,6 +195,45 @@ def infer_tokenizer_config(state: dict[str, torch.Tensor], source: str = "<state
     return _make_config(modality, n_labels, s.ae, qc, source)
 
 
+_AE_FIELDS = {"ddconfig.ch": "ch", "ddconfig.in_channels": "in_channels", "ddconfig.out_ch": "out_channels",
+              "ddconfig.ch_mult": "ch_mult", "ddconfig.num_res_blocks": "num_res_blocks",
+              "ddconfig.z_channels": "z_channels", "ddconfig.attn_resolutions": "attn_resolutions"}
+_Q_FIELDS = {"embed_dim": "embed_dim", "n_embed": "n_embed"}
+
+
+def first_difference(model: torch.nn.Module, state: dict[str, torch.Tensor], prefix: str) -> str:
+    """The first key where a model built from the YAML and the weights differ, both shapes."""
+    for k, v in model.state_dict().items():
+        if k not in state:
+            return f"; first key that differs: {prefix}{k} {tuple(v.shape)} from the YAML is not in the weights"
+        if tuple(state[k].shape) != tuple(v.shape):
+            return (f"; first key that differs: {prefix}{k} has shape {tuple(state[k].shape)} in the "
+                    f"weights, {tuple(v.shape)} from the YAML")
+    return ""
+
+
+def _shape_clash(s: _Shapes, key: str, yaml_value: Any, state: dict[str, torch.Tensor], prefix: str) -> str:
+    """:func:`first_difference` for a tokenizer whose one YAML value ``key`` replaces the shapes'."""
+    try:
+        ae, q = s.ae, {"kind": s.kind, "n_embed": s.n_embed, "embed_dim": s.embed_dim}
+        value = tuple(int(v) for v in yaml_value) if isinstance(yaml_value, (list, tuple)) else int(yaml_value)
+        if key in _AE_FIELDS:
+            ae = replace(ae, **{_AE_FIELDS[key]: value})
+        elif key in _Q_FIELDS:
+            q[_Q_FIELDS[key]] = value
+        else:
+            return ""
+        modality, n_labels = _modality(s)
+        if modality == "segmentation":
+            n_labels = ae.in_channels
+        with torch.device("meta"):
+            model = VQGAN(TokenizerConfig(modality=modality, n_labels=n_labels, autoencoder=ae,
+                                          quantizer=QuantizerConfig(**q)))
+        return first_difference(model, state, prefix)
+    except Exception:  # noqa: BLE001 - a YAML too broken to build: the message above says enough
+        return ""
+
+
 def tokenizer_config_from_yaml(model_yaml: dict, state: dict[str, torch.Tensor], source: str,
                                yaml_name: str, resolution: int | None = None, prefix: str = "",
                                yaml_path: str = "model.params") -> TokenizerConfig:
@@ -211,7 +250,8 @@ def tokenizer_config_from_yaml(model_yaml: dict, state: dict[str, torch.Tensor],
 
     def check(key: str, yaml_value: Any, weights_value: Any, evidence: str) -> None:
         if yaml_value is not None and yaml_value != weights_value:
-            raise mismatch(yaml_name, f"{yaml_path}.{key}", yaml_value, weights_value, evidence)
+            e = mismatch(yaml_name, f"{yaml_path}.{key}", yaml_value, weights_value, evidence)
+            raise CheckpointError(str(e) + _shape_clash(s, key, yaml_value, state, prefix)) from None
 
     p = prefix
     check("ddconfig.ch", dd.get("ch"), s.ae.ch, f"{p}encoder.conv_in.weight")
