@@ -331,3 +331,21 @@ def test_info_on_tokenizer_and_without_yaml(tmp_path):
     assert code == 0, out
     info = json.loads(out)
     assert info["architecture"]["n_head"] is None and "--config" in info["missing"]
+
+
+def test_tokenizer_folder_with_model_yaml_and_scene_images_refused(tmp_path):
+    cfg = KINDS["vq"]()
+    run = tmp_path / "logs" / "vqgan_imagenet_f16_16384"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "configs").mkdir()
+    save_lightning(run / "checkpoints" / "last.ckpt", tokenizer_state(make_tokenizer(cfg)))
+    (run / "configs" / "model.yaml").write_text(yaml.safe_dump({"model": tokenizer_yaml(cfg)}))
+    info = json.loads(cli("info", str(run), "--json")[1])
+    assert info["config"] == {"path": str(run / "configs" / "model.yaml"), "from": "run folder"}
+    scene, yml, full = release(tmp_path, "ffhq", older_yaml=False)
+    full["model"]["params"]["cond_stage_key"] = "objects_bbox"
+    full["model"]["params"]["cond_stage_config"] = {
+        "target": "taming.models.dummy_cond_stage.DummyCondStage", "params": {"conditional_key": "objects_bbox"}}
+    yml.write_text(yaml.safe_dump(full))
+    code, out = cli("sample", "--prior", str(scene), "--out", str(tmp_path / "s"))
+    assert code == 2 and "scene-image transformer conditioned on object bounding boxes" in " ".join(out.split())

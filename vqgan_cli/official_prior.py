@@ -141,6 +141,10 @@ def _cond_from_yaml(params: dict, yaml_name: str) -> CondConfig:
                           coord_down_factor=int(cp["down_factor"]), key=key)
     if name in ("VQModel", "VQSegmentationModel", "GumbelVQ", "VQNoDiscModel"):
         return CondConfig(kind="spatial", key=key)
+    if name == "DummyCondStage":
+        raise CheckpointError(f"{yaml_name}: {_P}.cond_stage_config is DummyCondStage (key "
+                              f"{key!r}): a scene-image transformer conditioned on object bounding "
+                              "boxes, which is not supported yet")
     raise CheckpointError(f"{yaml_name}: {_P}.cond_stage_config target {name!r} is not supported")
 
 

@@ -48,6 +48,9 @@ def project_yamls(run: Path) -> list[Path]:
     if not d.is_dir():
         return []
     found = sorted(d.glob("*-project.yaml"), key=lambda p: (p.name, p.stat().st_mtime))
+    if not found:  # the tokenizer releases ship configs/model.yaml
+        found = sorted(d.glob("*.yaml"))
+        found = found if len(found) == 1 else []
     return found
 
 
