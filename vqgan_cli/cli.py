@@ -280,6 +280,26 @@ def convert_cmd(
     run_guarded(go, "OUT argument")
 
 
+@app.command("plot")
+def plot_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder (one holding metrics.jsonl)")],
+    out: Annotated[Path | None, typer.Option(help="where to write the PNG (default RUN_DIR/curves.png)")] = None,
+) -> None:
+    """Draw a run's metrics.jsonl as curves.png: losses, quality, codebook use, adaptive weight, lr."""
+    from vqgan_cli.curves import write_curves
+
+    def go() -> None:
+        try:
+            path = write_curves(run_dir, out)
+        except ImportError as e:
+            raise _fail(str(e), 2) from None
+        if path is None:
+            raise _fail(f"{run_dir}: no metrics.jsonl records to draw", 2)
+        console.print(f"wrote {path}")
+
+    run_guarded(go)
+
+
 @app.command("info")
 def info_cmd(
     path: Annotated[str, typer.Argument(help="a checkpoint (.safetensors or official .ckpt) or a run folder")],

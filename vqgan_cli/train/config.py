@@ -33,3 +33,10 @@ class TrainConfig:
     max_nonfinite: int = spec(10, ge=1,
                               help="consecutive non-finite losses (each step skipped) before the run stops")
     grad_clip: float | None = spec(None, gt=0.0, help="clip the gradient norm (None: no clipping)")
+    loggers: list[str] = spec(default_factory=lambda: ["jsonl"],
+                              help="jsonl (always on) and optionally tensorboard (events in <run>/tensorboard)")
+
+    def check(self) -> list[str]:
+        from vqgan_cli.train.loggers import logger_problems
+
+        return logger_problems(self.loggers)

@@ -22,7 +22,7 @@ from vqgan_cli.train.runtime import Runtime
 # up to the point where the earlier run stopped.
 RESUMABLE_CHANGES = ("train.max_steps", "train.ckpt_every", "train.keep_last", "train.log_every",
                      "train.image_every", "train.val_every", "train.val_batches", "train.threads",
-                     "train.max_nonfinite", "data.workers", "data.verify", "train.out_dir")
+                     "train.max_nonfinite", "data.workers", "data.verify", "train.out_dir", "train.loggers")
 
 
 class TrainingError(Exception):
@@ -48,7 +48,7 @@ def prepare_run_dir(run_dir: Path, resolved: dict, overwrite: bool, rt: Runtime)
     """
     saved_path = run_dir / "recipe.yaml"
     if rt.is_main and overwrite and run_dir.exists():
-        for name in ("checkpoints", "images", "metrics.jsonl", "recipe.yaml"):
+        for name in ("checkpoints", "images", "metrics.jsonl", "recipe.yaml", "tensorboard", "curves.png"):
             target = run_dir / name
             if target.is_dir():
                 shutil.rmtree(target)

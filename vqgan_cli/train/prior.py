@@ -27,6 +27,7 @@ from vqgan_cli.prior import Prior, PriorConfig
 from vqgan_cli.train import runtime as R
 from vqgan_cli.train.checkpointing import CheckpointManager, checkpoint_size
 from vqgan_cli.train.config import TrainConfig
+from vqgan_cli.train.loggers import RunLog, draw_curves
 from vqgan_cli.train.loop import (
     BatchStream,
     DataPosition,
@@ -52,7 +53,7 @@ from vqgan_cli.train.prior_data import (
     resolve_data,
     unigram_entropy,
 )
-from vqgan_cli.train.reporting import MetricsWriter, TrainProgress, console
+from vqgan_cli.train.reporting import TrainProgress, console
 from vqgan_cli.train.signals import StopRequest
 
 LN2 = math.log(2.0)
@@ -204,7 +205,7 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
     ckpts = CheckpointManager(run_dir, cfg.keep_last)
     if rt.is_main:
         ckpts.check_space(*checkpoint_size(prior, [opt]))  # warn before work when the disk is short
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=rt.is_main)
+    metrics = RunLog(run_dir, cfg.loggers, enabled=rt.is_main)
     step, position, guard = 0, DataPosition(), NonFiniteGuard(cfg.max_nonfinite)
     latest = ckpts.latest()
     if latest is not None:
@@ -331,6 +332,7 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
         if stopped is not None:
             save_checkpoint(step)
     finally:
+        metrics.close()
         stop.close()
         stream.close()
         R.shutdown(rt)
@@ -340,6 +342,7 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
         save_prior(final, core, {**info, "step": step, "val": val_result})
     seconds = time.perf_counter() - start_time
     if rt.is_main:
+        draw_curves(run_dir)
         report_end("train-prior summary", run_dir, step, start_step, seconds, guard.total, stopped,
                    {"prior": str(final) if stopped is None else "(not final)",
                     "tokenizer": str(info["tokenizer"])}, val_result)

@@ -31,6 +31,7 @@ from vqgan_cli.train import runtime as R
 from vqgan_cli.train.checkpointing import CheckpointManager, checkpoint_size
 from vqgan_cli.train.config import TrainConfig
 from vqgan_cli.train.evaluation import evaluate_tokenizer
+from vqgan_cli.train.loggers import RunLog, code_use_counts, draw_curves
 from vqgan_cli.train.loop import (
     BatchStream,
     DataPosition,
@@ -44,7 +45,7 @@ from vqgan_cli.train.loop import (
     report_end,
     restore_rng,
 )
-from vqgan_cli.train.reporting import MetricsWriter, TrainProgress, console
+from vqgan_cli.train.reporting import TrainProgress, console
 from vqgan_cli.train.signals import StopRequest
 
 
@@ -129,7 +130,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
     ckpts = CheckpointManager(run_dir, cfg.keep_last)
     if rt.is_main:
         ckpts.check_space(*checkpoint_size(model, [opt_ae, opt_d], [disc]))  # warn before work when the disk is short
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=rt.is_main)
+    metrics = RunLog(run_dir, cfg.loggers, enabled=rt.is_main)
     step, position, guard, skipped_total = 0, DataPosition(), NonFiniteGuard(cfg.max_nonfinite), 0
     latest = ckpts.latest()
     if latest is not None:
@@ -271,11 +272,13 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
                     metrics.write({"step": step, "split": "train", **logs, "disc_factor": disc_factor,
                                    "codebook_usage": usage, "lr": lr, "images_per_s": rate,
                                    "skipped_files": skipped_total, "nonfinite_steps": guard.total})
+                    metrics.histogram("train/codes_used", code_use_counts(core.quantize), step)
                     shown = (rate, f"loss {logs.get('loss', float('nan')):.4f} usage {usage:.2f}")
                 bar.update(step, shown[0], "img", shown[1])
                 if rt.is_main and due(step, cfg.image_every, cfg.max_steps) and val_inputs:
                     _write_grid(run_dir / "images" / f"step_{step:07d}.png", core, val_inputs[0][:8],
                                 modality, amp)
+                    metrics.image("reconstructions", run_dir / "images" / f"step_{step:07d}.png", step)
                 if due(step, cfg.val_every, cfg.max_steps):
                     if rt.is_main and val_inputs:
                         val_result = evaluate_tokenizer(core, [v.to(rt.device) for v in val_inputs],
@@ -286,6 +289,8 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
                             val_result.update({f"large_{k}": v for k, v in large.items()})
                             _write_grid(run_dir / "images" / f"large_step_{step:07d}.png", core,
                                         large_inputs[0].to(rt.device), modality, amp)
+                            metrics.image("reconstructions_large",
+                                          run_dir / "images" / f"large_step_{step:07d}.png", step)
                         metrics.write({"step": step, "split": "val", **val_result})
                         bar.log(f"step {step} validation: " + ", ".join(
                             f"{k} {v:.4g}" for k, v in val_result.items() if k != "images"))
@@ -295,6 +300,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
         if stopped is not None:
             save_checkpoint(step)
     finally:
+        metrics.close()
         stop.close()
         stream.close()
         R.shutdown(rt)
@@ -305,6 +311,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
     seconds = time.perf_counter() - start_time
     result = TrainResult(run_dir, final, step, seconds, val_result, skipped_total, guard.total, stopped)
     if rt.is_main:
+        draw_curves(run_dir)
         report_end("train-tokenizer summary", run_dir, step, start_step, seconds, guard.total, stopped,
                    {"skipped files": skipped_total,
                     "tokenizer": str(final) if stopped is None else "(not final)"}, val_result)

@@ -1,0 +1,128 @@
+"""TensorBoard events read back with tensorboard's own reader equal metrics.jsonl (across a
+crash past the last checkpoint and its resume); curves.png panels hold the jsonl's numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vqgan_cli.config import ConfigError, apply_overrides, from_dict
+from vqgan_cli.curves import curve_panels, write_curves
+from vqgan_cli.train.tokenizer import TokenizerRecipe, train_tokenizer
+
+pytest.importorskip("tensorboard")
+pytest.importorskip("matplotlib")
+
+TINY = {
+    "model": {"autoencoder": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8],
+                              "z_channels": 8, "resolution": 16},
+              "quantizer": {"n_embed": 16, "embed_dim": 8}},
+    "loss": {"perceptual_weight": 0.0, "disc_start": 2, "disc_ndf": 8, "disc_num_layers": 2},
+    "data": {"train": "builtin:landscapes", "size": 16, "workers": 0, "val_count": 4},
+    "train": {"batch_size": 2, "max_steps": 4, "base_lr": 1e-4, "ckpt_every": 2, "log_every": 1,
+              "image_every": 2, "val_every": 2, "val_batches": 1},
+}
+
+
+def _recipe(out: Path, *overrides: str) -> TokenizerRecipe:
+    data = json.loads(json.dumps(TINY))
+    data["train"]["out_dir"] = str(out)
+    return from_dict(TokenizerRecipe, apply_overrides(data, list(overrides)))
+
+
+def _events(run: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0,
+                                                                     "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_scalars_equal_metrics_jsonl_across_a_crash_and_resume(tmp_path, monkeypatch):
+    from vqgan_cli import losses
+
+    original = losses.TokenizerLoss.generator_loss
+
+    def crash_at_step_3(self, x, x_hat, q_loss, step, last_layer):
+        if step == 3:  # steps 1-3 are logged, the last checkpoint is step 2
+            raise RuntimeError("simulated crash")
+        return original(self, x, x_hat, q_loss, step, last_layer)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(losses.TokenizerLoss, "generator_loss", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_tokenizer(_recipe(run, "train.loggers=[jsonl,tensorboard]"), "tiny")
+    before = _events(run)
+    assert [e.step for e in before.Scalars("train/loss")] == [1, 2, 3]  # step 3 is past the checkpoint
+    crashed_loss_3 = before.Scalars("train/loss")[2].value
+    monkeypatch.setattr(losses.TokenizerLoss, "generator_loss", original)
+    assert train_tokenizer(_recipe(run, "train.loggers=[jsonl,tensorboard]"), "tiny").steps == 4
+
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    acc = _events(run)
+    expected: dict[str, dict[int, float]] = {}
+    for r in records:
+        for k, v in r.items():
+            if k not in ("step", "split") and isinstance(v, (int, float)):
+                tag = f"{r['split']}/{k}"
+                assert r["step"] not in expected.setdefault(tag, {}), (tag, r["step"])
+                expected[tag][r["step"]] = float(v)
+    assert set(acc.Tags()["scalars"]) == set(expected)
+    for tag, by_step in expected.items():
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == sorted(by_step), tag  # each step once, in order
+        for e in events:
+            assert e.value == pytest.approx(by_step[e.step], rel=1e-6, abs=1e-30), (tag, e.step)
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    # the resumed step 3 is the replay from the checkpoint, not the crashed run's (same value, since
+    # resume is exact, but it is the only one kept)
+    assert acc.Scalars("train/loss")[2].value == pytest.approx(crashed_loss_3, rel=1e-6)
+
+    grids = acc.Images("reconstructions")
+    assert [g.step for g in grids] == [2, 4]
+    png = np.asarray(Image.open(run / "images" / "step_0000004.png").convert("RGB"))
+    assert (grids[-1].height, grids[-1].width) == png.shape[:2]
+    hist = acc.Histograms("train/codes_used")
+    assert [h.step for h in hist] == [1, 2, 3, 4]
+    assert all(0 <= h.histogram_value.min and h.histogram_value.max < 16 for h in hist)
+
+    curves = Image.open(run / "curves.png")
+    assert curves.size[0] > 500 and curves.size[1] > 300
+
+
+def test_tensorboard_without_the_package_is_a_recipe_error_naming_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard"
+                        else real(name, *a))
+    with pytest.raises(ConfigError) as err:
+        _recipe(tmp_path / "r", "train.loggers=[jsonl,tensorboard]")
+    assert "train.loggers" in str(err.value) and "vqgan[tensorboard]" in str(err.value)
+    with pytest.raises(ConfigError, match="unknown logger 'wandb'"):
+        _recipe(tmp_path / "r", "train.loggers=[jsonl,wandb]")
+
+
+def test_curve_panels_hold_the_jsonl_numbers_by_split(tmp_path):
+    records = [{"step": 1, "split": "train", "loss": 2.0, "lr": 1e-3, "codebook_usage": 0.5},
+               {"step": 2, "split": "train", "loss": 1.5, "lr": 1e-3, "codebook_usage": "nan"},
+               {"step": 2, "split": "val", "psnr": 20.5, "codebook_usage": 0.25},
+               {"step": 3, "split": "train", "loss": float("nan"), "lr": 5e-4}]
+    panels = {p.title: p for p in curve_panels(records)}
+    assert set(panels) == {"loss", "PSNR (dB)", "codebook usage", "learning rate"}
+    (loss,) = panels["loss"].series
+    assert (loss.label, loss.steps, loss.values) == ("train loss", [1, 2], [2.0, 1.5])  # nan left out
+    usage = {s.label: (s.steps, s.values) for s in panels["codebook usage"].series}
+    assert usage == {"train codebook_usage": ([1], [0.5]), "val codebook_usage": ([2], [0.25])}
+    assert panels["learning rate"].log and panels["learning rate"].series[0].values == [1e-3, 1e-3, 5e-4]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = write_curves(tmp_path)
+    assert out == tmp_path / "curves.png" and Image.open(out).size[0] > 500
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert write_curves(empty) is None
