@@ -176,6 +176,9 @@ def test_reconstruct_and_convert_take_the_folder(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(img)
     code, out = cli("reconstruct", str(img), "--tokenizer", str(run), "--out", str(tmp_path / "rec"))
     assert code == 0, out
+    assert f"config {yml}" in "".join(out.split("\n"))  # the YAML used is named
+    code, out = cli("convert", str(run / "checkpoints" / "last.ckpt"), str(tmp_path / "c.safetensors"))
+    assert code == 0 and f"config {yml}" in "".join(out.split("\n"))
     tok = load_tokenizer(run / "checkpoints" / "last.ckpt", config=yml)
     from vqgan_cli.data.transforms import image_to_tensor
     with torch.no_grad():

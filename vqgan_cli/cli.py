@@ -151,6 +151,15 @@ def train_prior_cmd(
     run_guarded(go, "train.out_dir")
 
 
+def _say_found(name: str | Path, config: str | Path | None) -> None:
+    """Name what a run folder or a .ckpt's ../configs/ resolved to (checkpoint, YAML)."""
+    from vqgan_cli.resolve import resolve_model
+
+    note = resolve_model(name, str(config) if config else None).note
+    if note:
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+
+
 @app.command("reconstruct")
 def reconstruct_cmd(
     images: Annotated[list[Path], typer.Argument(help="image files of any size")],
@@ -168,6 +177,7 @@ def reconstruct_cmd(
 
     def go() -> None:
         dev = resolve_device(device)
+        _say_found(tokenizer, config)
         model = load_tokenizer(tokenizer, config=str(config) if config else None).to(dev)
         report = reconstruct_files(model, images, out, dev)
         table = Table(title=f"reconstructions in {out}")
@@ -257,7 +267,8 @@ def encode_dataset_cmd(
 
 @app.command("convert")
 def convert_cmd(
-    src: Annotated[Path, typer.Argument(help="an official .ckpt (VQModel, GumbelVQ, cond stage or transformer)")],
+    src: Annotated[Path, typer.Argument(
+        help="an official .ckpt (VQModel, GumbelVQ, cond stage or transformer) or its run folder")],
     out: Annotated[Path, typer.Argument(help="where to write our .safetensors checkpoint")],
     config: Annotated[Path | None, typer.Option(help="the model's YAML shipped beside the .ckpt")] = None,
     keep_training_state: Annotated[bool, typer.Option(
@@ -271,6 +282,7 @@ def convert_cmd(
     from vqgan_cli.loading import convert_checkpoint
 
     def go() -> None:
+        _say_found(src, config)
         path = convert_checkpoint(src, out, str(config) if config else None, keep_training_state,
                                   n_head=n_head, cond_kind=cond_kind, n_classes=n_classes, resolution=resolution)
         console.print(f"wrote {path}")
@@ -278,6 +290,36 @@ def convert_cmd(
             console.print(f"wrote {extra}")
 
     run_guarded(go, "OUT argument")
+
+
+@app.command("info")
+def info_cmd(
+    path: Annotated[str, typer.Argument(help="a checkpoint (.safetensors or official .ckpt) or a run folder")],
+    config: Annotated[str | None, typer.Option(
+        help="an official .ckpt's YAML (default: configs/*-project.yaml of its run folder)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
+) -> None:
+    """What a checkpoint or run folder is (kind, architecture, codebook, conditioning) and the
+    commands that take it."""
+    import json
+
+    from rich.table import Table
+
+    from vqgan_cli.info import describe, render
+
+    def go() -> None:
+        info = describe(path, config)
+        if as_json:
+            print(json.dumps(info, indent=2))
+            return
+        table = Table(title=str(path), show_header=False)
+        table.add_column("field", style="bold")
+        table.add_column("value", overflow="fold")
+        for k, v in render(info):
+            table.add_row(k, v)
+        console.print(table)
+
+    run_guarded(go)
 
 
 @app.command("plot")
