@@ -61,6 +61,17 @@ def with_cond_stage(cond_cfg, seed: int = 0):
     return state, node
 
 
+def first_stage_as_cond():
+    """``cond_stage_config: __is_first_stage__``: conditioned on an image, encoded by the first stage."""
+    state, node = with_cond_stage(KINDS["segmentation"]())
+    state = {k: v for k, v in state.items() if not k.startswith("cond_stage_model.")}
+    state.update({"cond_stage_model." + k[len("first_stage_model."):]: v
+                  for k, v in state.items() if k.startswith("first_stage_model.")})
+    node["params"]["cond_stage_config"] = "__is_first_stage__"
+    node["params"]["cond_stage_key"] = "image"
+    return state, node
+
+
 CASES = {
     "ffhq": lambda: make_prior_case("sos", sos_token=0)[2:],
     "cin": lambda: make_prior_case("class")[2:],
@@ -69,6 +80,7 @@ CASES = {
     "ade20k": lambda: with_cond_stage(tiny_tokenizer_config(modality="segmentation", channels=151, n_embed=12)),
     "drin": lambda: with_cond_stage(tiny_tokenizer_config(modality="depth", channels=1, n_embed=12)),
     "faceshq": lambda: make_prior_case("coord")[2:],
+    "image": first_stage_as_cond,
 }
 
 
@@ -290,6 +302,14 @@ def test_faceshq_coordinates(tmp_path):
     _run_case(tmp_path, "faceshq", [], coord)
 
 
+def test_image_conditioned_through_the_first_stage(tmp_path):
+    from vqgan_cli.data.transforms import image_to_tensor
+
+    rgb = np.random.default_rng(5).integers(0, 255, (RES, RES, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "in.png")
+    _run_case(tmp_path, "image", ["--cond", str(tmp_path / "in.png")], image_to_tensor(rgb.copy())[None])
+
+
 def test_wrong_input_for_the_kind_exits_2(tmp_path):
     run, _, _ = release(tmp_path, "sflckr", older_yaml=False)
     code, out = cli("sample", "--prior", str(run), "--out", str(tmp_path / "s"))
@@ -317,16 +337,26 @@ def test_info_describes_every_release(tmp_path, name):
     assert code == 0 and "transformer prior" in out
 
 
-def test_info_on_tokenizer_and_without_yaml(tmp_path):
-    tok = make_tokenizer(KINDS["vq"]())
-    ck = save_lightning(tmp_path / "vq.ckpt", tokenizer_state(tok))
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_info_on_every_tokenizer_layout(tmp_path, kind):
+    tok = make_tokenizer(KINDS[kind]())
+    ck = save_lightning(tmp_path / "t.ckpt", tokenizer_state(tok))
     code, out = cli("info", str(ck), "--json")
     assert code == 0, out
     info = json.loads(out)
-    assert info["kind"] == "image tokenizer"
+    assert info["kind"] == f"{tok.config.modality} tokenizer"
     assert info["tokenizer"]["codebook"]["n_embed"] == 16
+    assert info["tokenizer"]["codebook"]["quantizer"] == tok.config.quantizer.kind
     assert info["tokenizer"]["parameters"] == sum(p.numel() for p in tok.parameters())
-    assert any(c.startswith("vqgan reconstruct") for c in info["commands"])
+    assert info["tokenizer"]["architecture"]["ch_mult"] == list(tok.config.autoencoder.ch_mult)
+    if kind == "segmentation":
+        assert info["tokenizer"]["n_labels"] == 182
+    first = "vqgan reconstruct" if kind in ("vq", "gumbel") else "vqgan encode-dataset --cond-tokenizer"
+    assert info["commands"][0].startswith(first)
+    assert cli("info", str(ck))[0] == 0
+
+
+def test_info_without_yaml(tmp_path):
     run, _, _ = release(tmp_path, "ffhq", older_yaml=False)
     lone = tmp_path / "lone.ckpt"
     shutil.copy(run / "checkpoints" / "last.ckpt", lone)
