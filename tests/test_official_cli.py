@@ -382,3 +382,34 @@ def test_tokenizer_folder_with_model_yaml_and_scene_images_refused(tmp_path):
     yml.write_text(yaml.safe_dump(full))
     code, out = cli("sample", "--prior", str(scene), "--out", str(tmp_path / "s"))
     assert code == 2 and "scene-image transformer conditioned on object bounding boxes" in " ".join(out.split())
+
+
+def test_encode_dataset_takes_a_folder_and_config(tmp_path):
+    from vqgan_cli.data.landscapes import render_landscape
+    from vqgan_cli.data.shards import read_manifest, read_shard
+    from vqgan_cli.data.transforms import image_to_tensor
+
+    cfg = KINDS["vq"]()
+    run = tmp_path / "logs" / "vqgan_tiny"
+    (run / "checkpoints").mkdir(parents=True)
+    save_lightning(run / "checkpoints" / "last.ckpt", tokenizer_state(make_tokenizer(cfg)))
+    yml = tmp_path / "kept_elsewhere.yaml"
+    yml.write_text(yaml.safe_dump({"model": tokenizer_yaml(cfg)}))
+    for name, args in (("folder", [str(run)]), ("config", [str(run / "checkpoints" / "last.ckpt"),
+                                                          "--config", str(yml)])):
+        code, out = cli("encode-dataset", "--tokenizer", *args, "--data", "builtin:landscapes",
+                        "--limit", "2", "--size", str(RES), "--workers", "0", "--out", str(tmp_path / name))
+        assert code == 0, out
+    tok = load_tokenizer(run / "checkpoints" / "last.ckpt", config=yml)
+    for name in ("folder", "config"):
+        got = {s.key: s for p in read_manifest(tmp_path / name).shard_paths() for s in read_shard(p)}
+        scene = render_landscape(1, RES, RES)
+        with torch.inference_mode():
+            want = tok.encode(image_to_tensor(scene.image)[None]).indices.numpy()[0]
+        np.testing.assert_array_equal(got["landscape-0000001"].tokens, want)
+    bad = yaml.safe_load(yml.read_text())
+    bad["model"]["params"]["n_embed"] = 32  # --config is read: a YAML that disagrees is refused
+    yml.write_text(yaml.safe_dump(bad))
+    code, out = cli("encode-dataset", "--tokenizer", str(run), "--config", str(yml), "--data",
+                    "builtin:landscapes", "--limit", "1", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "n_embed is 32 but the weights say 16" in " ".join(out.split())

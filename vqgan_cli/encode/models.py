@@ -29,11 +29,12 @@ def vocab_of(model: VQGAN) -> int:
     return int(getattr(model.quantize, "n_tokens", model.config.quantizer.n_embed))
 
 
-def load_for_encoding(path: str) -> tuple[VQGAN, dict]:
-    """(model, manifest description with the weights hash) of a tokenizer checkpoint."""
+def load_for_encoding(path: str, config: str | None = None) -> tuple[VQGAN, dict]:
+    """(model, manifest description with the weights hash) of a tokenizer checkpoint or run
+    folder; ``config``: an official file's YAML kept elsewhere (``--config``)."""
     from vqgan_cli.loading import load_tokenizer
 
-    model = load_tokenizer(path)
+    model = load_tokenizer(path, config)
     info = {"path": str(path), "weights_sha256": weights_sha256(model.state_dict()),
             "n_embed": vocab_of(model), "factor": model.factor, "modality": model.config.modality,
             "config": to_dict(model.config)}

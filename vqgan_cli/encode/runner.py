@@ -48,6 +48,7 @@ class EncodeOptions:
     tokenizer: str
     data: str
     out: str
+    config: str | None = None  # the official tokenizer's YAML (default: found in its run folder)
     size: int | None = None  # smaller side; default: the tokenizer's training resolution
     keep_aspect: bool = False
     batch_size: int = 32
@@ -159,7 +160,7 @@ def encode_dataset(opts: EncodeOptions, progress: bool = True) -> EncodeResult:
         device = resolve_device(opts.device)
     except RuntimeError as e:
         raise EncodeUsageError(str(e)) from None
-    tok, tok_info = load_for_encoding(opts.tokenizer)
+    tok, tok_info = load_for_encoding(opts.tokenizer, opts.config)
     ae = tok.config.autoencoder
     if tok.config.modality != "image" or ae.in_channels != 3:
         raise EncodeUsageError(f"--tokenizer {opts.tokenizer} takes {ae.in_channels}-channel "
