@@ -198,9 +198,7 @@ def reconstruct_cmd(
 @app.command("encode-dataset")
 def encode_dataset_cmd(
     tokenizer: Annotated[str | None, typer.Option(
-        help="image tokenizer: our .safetensors, an official .ckpt or its run folder")] = None,
-    config: Annotated[str | None, typer.Option(
-        help="an official .ckpt's YAML (default: configs/*.yaml of its run folder)")] = None,
+        help="image tokenizer: our .safetensors or an official .ckpt")] = None,
     data: Annotated[str | None, typer.Option(
         help="folder | file list .txt | tar shard(s) | builtin:landscapes")] = None,
     out: Annotated[Path | None, typer.Option(help="folder for shard-NNNNNN.tar and manifest.json")] = None,
@@ -252,9 +250,8 @@ def encode_dataset_cmd(
             return
         if tokenizer is None or data is None or out is None:
             raise EncodeUsageError("--tokenizer, --data and --out are required (or --verify DIR)")
-        _say_found(tokenizer, config)
         r = encode_dataset(EncodeOptions(
-            tokenizer=tokenizer, data=data, out=str(out), config=config, size=size, keep_aspect=keep_aspect,
+            tokenizer=tokenizer, data=data, out=str(out), size=size, keep_aspect=keep_aspect,
             batch_size=batch_size, workers=workers, shard_size=shard_size, flip_copies=flip_copies,
             limit=limit, root=root, cond=cond, cond_tokenizer=cond_tokenizer, cond_data=cond_data,
             n_labels=n_labels, label_shift=label_shift, labels=labels, missing=missing, device=device,
@@ -272,7 +269,7 @@ def encode_dataset_cmd(
 def convert_cmd(
     src: Annotated[Path, typer.Argument(
         help="an official .ckpt (VQModel, GumbelVQ, cond stage or transformer) or its run folder")],
-    out: Annotated[Path, typer.Argument(help="where to write our .safetensors checkpoint")],
+    out: Annotated[Path, typer.Argument(help="where to write our .safetensors checkpoint (--to diffusers: a folder)")],
     config: Annotated[Path | None, typer.Option(help="the model's YAML shipped beside the .ckpt")] = None,
     keep_training_state: Annotated[bool, typer.Option(
         help="also keep loss.* weights and optimiser states (in <out>.training.safetensors)")] = False,
@@ -280,11 +277,20 @@ def convert_cmd(
     cond_kind: Annotated[str | None, typer.Option(help="sos | class | spatial | coord, without a YAML")] = None,
     n_classes: Annotated[int | None, typer.Option(help="classes of a class-conditional transformer")] = None,
     resolution: Annotated[int | None, typer.Option(help="training resolution (places attention); default 256")] = None,
+    to: Annotated[str, typer.Option(help="ours | diffusers (a tokenizer as a diffusers VQModel folder)")] = "ours",
 ) -> None:
     """Convert an official checkpoint to our format, without running any code from the pickle."""
-    from vqgan_cli.loading import convert_checkpoint
+    from vqgan_cli.loading import convert_checkpoint, load_tokenizer
 
     def go() -> None:
+        if to not in ("ours", "diffusers"):
+            raise _fail(f"--to: ours or diffusers, got {to!r}", 2)
+        if to == "diffusers":
+            from vqgan_cli.diffusers_interop import export_diffusers
+
+            tok = load_tokenizer(src, str(config) if config else None, resolution)
+            console.print(f"wrote {export_diffusers(tok, out)} (diffusers.VQModel.from_pretrained reads it)")
+            return
         _say_found(src, config)
         path = convert_checkpoint(src, out, str(config) if config else None, keep_training_state,
                                   n_head=n_head, cond_kind=cond_kind, n_classes=n_classes, resolution=resolution)

@@ -83,7 +83,12 @@ def load_tokenizer(path: str | Path, config: str | Path | dict | None = None,
     ``config``: the official model's YAML (path or mapping), checked against the weights.
     ``resolution``: training resolution of an official model without YAML (default 256); it
     only decides where attention layers sit. ``unknown_index``: see ``official_tokenizer``.
+    A diffusers ``VQModel`` folder (ours exported, or one diffusers saved) loads too.
     """
+    from vqgan_cli.diffusers_interop import is_diffusers_folder, load_diffusers_tokenizer
+
+    if is_diffusers_folder(path):
+        return load_diffusers_tokenizer(path)
     r = resolve_model(path, config)
     path, config = r.path, (config if isinstance(config, dict) else r.config)
     if is_safetensors(path):
