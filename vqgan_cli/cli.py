@@ -198,7 +198,9 @@ def reconstruct_cmd(
 @app.command("encode-dataset")
 def encode_dataset_cmd(
     tokenizer: Annotated[str | None, typer.Option(
-        help="image tokenizer: our .safetensors or an official .ckpt")] = None,
+        help="image tokenizer: our .safetensors, an official .ckpt or its run folder")] = None,
+    config: Annotated[str | None, typer.Option(
+        help="an official .ckpt's YAML (default: configs/*.yaml of its run folder)")] = None,
     data: Annotated[str | None, typer.Option(
         help="folder | file list .txt | tar shard(s) | builtin:landscapes")] = None,
     out: Annotated[Path | None, typer.Option(help="folder for shard-NNNNNN.tar and manifest.json")] = None,
@@ -250,8 +252,9 @@ def encode_dataset_cmd(
             return
         if tokenizer is None or data is None or out is None:
             raise EncodeUsageError("--tokenizer, --data and --out are required (or --verify DIR)")
+        _say_found(tokenizer, config)
         r = encode_dataset(EncodeOptions(
-            tokenizer=tokenizer, data=data, out=str(out), size=size, keep_aspect=keep_aspect,
+            tokenizer=tokenizer, data=data, out=str(out), config=config, size=size, keep_aspect=keep_aspect,
             batch_size=batch_size, workers=workers, shard_size=shard_size, flip_copies=flip_copies,
             limit=limit, root=root, cond=cond, cond_tokenizer=cond_tokenizer, cond_data=cond_data,
             n_labels=n_labels, label_shift=label_shift, labels=labels, missing=missing, device=device,
