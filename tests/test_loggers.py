@@ -109,13 +109,13 @@ def test_tensorboard_without_the_package_is_a_recipe_error_naming_the_extra(tmp_
 
 
 def test_curve_panels_hold_the_jsonl_numbers_by_split(tmp_path):
-    records = [{"step": 1, "split": "train", "loss": 2.0, "lr": 1e-3, "codebook_usage": 0.5},
+    records = [{"step": 1, "split": "train", "loss": 2.0, "lr": 1e-3, "codebook_usage": 0.5, "g_loss": 0.0},
                {"step": 2, "split": "train", "loss": 1.5, "lr": 1e-3, "codebook_usage": "nan"},
                {"step": 2, "split": "val", "psnr": 20.5, "codebook_usage": 0.25},
                {"step": 3, "split": "train", "loss": float("nan"), "lr": 5e-4}]
     panels = {p.title: p for p in curve_panels(records)}
     assert set(panels) == {"loss", "PSNR (dB)", "codebook usage", "learning rate"}
-    (loss,) = panels["loss"].series
+    (loss,) = panels["loss"].series  # g_loss, zero throughout, is not drawn
     assert (loss.label, loss.steps, loss.values) == ("train loss", [1, 2], [2.0, 1.5])  # nan left out
     usage = {s.label: (s.steps, s.values) for s in panels["codebook usage"].series}
     assert usage == {"train codebook_usage": ([1], [0.5]), "val codebook_usage": ([2], [0.25])}

@@ -46,7 +46,8 @@ def read_records(metrics: Path) -> list[dict]:
 
 
 def curve_panels(records: list[dict]) -> list[Panel]:
-    """The panels of ``records`` that have data; each series keeps finite numbers only."""
+    """The panels of ``records`` that have data; each series keeps finite numbers only, and a
+    series that is zero throughout is left out (it would flatten the others' scale)."""
     panels = []
     for title, keys, log in PANELS:
         series = []
@@ -55,7 +56,7 @@ def curve_panels(records: list[dict]) -> list[Panel]:
                 points = [(int(r["step"]), float(r[key])) for r in records
                           if r.get("split", "train") == split and isinstance(r.get(key), (int, float))
                           and not isinstance(r.get(key), bool) and float(r[key]) == float(r[key])]
-                if points:
+                if any(v != 0 for _, v in points):  # an all-zero term (no GAN phase yet) is not drawn
                     series.append(Series(f"{split} {key}", split, [p[0] for p in points],
                                          [p[1] for p in points]))
         if series:
