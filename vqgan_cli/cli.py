@@ -354,36 +354,6 @@ def plot_cmd(
     run_guarded(go)
 
 
-@app.command("info")
-def info_cmd(
-    path: Annotated[str, typer.Argument(help="a checkpoint (.safetensors or official .ckpt) or a run folder")],
-    config: Annotated[str | None, typer.Option(
-        help="an official .ckpt's YAML (default: configs/*-project.yaml of its run folder)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
-) -> None:
-    """What a checkpoint or run folder is (kind, architecture, codebook, conditioning) and the
-    commands that take it."""
-    import json
-
-    from rich.table import Table
-
-    from vqgan_cli.info import describe, render
-
-    def go() -> None:
-        info = describe(path, config)
-        if as_json:
-            print(json.dumps(info, indent=2))
-            return
-        table = Table(title=str(path), show_header=False)
-        table.add_column("field", style="bold")
-        table.add_column("value", overflow="fold")
-        for k, v in render(info):
-            table.add_row(k, v)
-        console.print(table)
-
-    run_guarded(go)
-
-
 def _sample_guarded(fn: Callable[[], T]) -> T:
     """run_guarded, plus sample/upscale's own usage errors (exit 2, before any sampling)."""
     from vqgan_cli.sample_inputs import SampleUsageError
