@@ -18,8 +18,6 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from typer.testing import CliRunner
-
 from test_official import (
     GRID,
     KINDS,
@@ -31,6 +29,8 @@ from test_official import (
     tokenizer_state,
     tokenizer_yaml,
 )
+from typer.testing import CliRunner
+
 from vqgan_cli.cli import app
 from vqgan_cli.images import to_uint8
 from vqgan_cli.loading import load_prior, load_tokenizer
