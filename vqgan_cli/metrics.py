@@ -131,3 +131,77 @@ def seam_ratio(image: np.ndarray | torch.Tensor, period: int, step: int = 1) -> 
         raise ValueError(f"an image {lum.shape[0]} px high has no seam row at a multiple of {period}")
     around = (jumps[seams - step] + jumps[seams + step]) / 2
     return float(np.median((jumps[seams] + 1e-6) / (around + 1e-6)))
+
+
+# --- Distribution metrics of Inception features (FID, KID, IS) -----------------------------------
+# Feature sets are (N, D) float64 arrays; the `evaluate` package extracts them with torch-fidelity's
+# InceptionV3 ("2048": pool features for FID/KID, "logits_unbiased": 1008 logits for IS).
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D) of (N, D) features; N >= 2."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"a covariance needs at least 2 feature rows, got shape {f.shape}")
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """Fréchet distance of two Gaussians: ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``.
+
+    The matrix square root is scipy's ``sqrtm``; when it is not finite (singular product) ``eps``
+    is added to both diagonals, as pytorch-fid and torch-fidelity do; a tiny imaginary part from
+    rounding is dropped."""
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise ValueError(f"statistics differ in shape: {mu1.shape}/{s1.shape} vs {mu2.shape}/{s2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(s1.shape[0]) * eps
+        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    covmean = np.real(covmean)
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+
+
+def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+                              seed: int = 0) -> tuple[float, float]:
+    """KID (Binkowski et al. 2018): mean and std over ``subsets`` random subsets (``subset_size``
+    rows of each set, without replacement) of the unbiased MMD^2 with the cubic polynomial kernel
+    ``k(x, y) = (x.y / D + 1)^3``:
+    ``sum_{i!=j} (k(x_i, x_j) + k(y_i, y_j)) / (m (m - 1)) - 2 sum_{i,j} k(x_i, y_j) / m^2``."""
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    m = subset_size
+    if m < 2 or len(f1) < m or len(f2) < m:
+        raise ValueError(f"KID subsets of {m} need at least {max(m, 2)} images on each side, "
+                         f"got {len(f1)} and {len(f2)}")
+    d = f1.shape[1]
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]
+        y = f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        vals.append(within - 2 * kxy.sum() / m ** 2)
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """IS (Salimans et al. 2016): mean and std over ``splits`` consecutive splits of
+    ``exp(mean_i KL(p(y|x_i) || p(y)))``, p(y|x) = softmax(logits), p(y) the split's mean."""
+    lg = np.asarray(logits, np.float64)
+    if len(lg) < splits:
+        raise ValueError(f"the Inception Score over {splits} splits needs at least {splits} images, got {len(lg)}")
+    lg = lg - lg.max(1, keepdims=True)
+    logp = lg - np.log(np.exp(lg).sum(1, keepdims=True))
+    scores = []
+    for part in np.array_split(logp, splits):
+        p = np.exp(part)
+        log_py = np.log(p.mean(0))
+        scores.append(float(np.exp((p * (part - log_py)).sum(1).mean())))
+    return float(np.mean(scores)), float(np.std(scores))

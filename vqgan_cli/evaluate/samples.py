@@ -1,0 +1,269 @@
+"""FID, KID and IS of a folder of generated images against a reference set, and the label agreement
+of samples drawn from built-in maps (their sidecars record ``--cond builtin:landscapes:SEED``).
+
+Reference statistics (mean, covariance and the pool features KID needs) can be saved once with
+``--save-stats`` and reused: a statistics file made with other settings is refused, naming the
+difference.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vqgan_cli.evaluate.inception import INCEPTION_FILE, EvaluationError, Inception
+from vqgan_cli.metrics import (feature_stats, frechet_distance, inception_score,
+                               kernel_inception_distance)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm")
+STATS_FORMAT = "vqgan-inception-stats-v1"
+DEFINITIONS = {
+    "fid": "Fréchet distance of Gaussians fitted to Inception pool3 (2048-d) features of samples and reference",
+    "kid_mean": "KID: unbiased MMD^2, cubic polynomial kernel on pool3 features, mean over subsets",
+    "kid_std": "standard deviation of KID over the subsets",
+    "is_mean": "Inception Score exp(E KL(p(y|x) || p(y))) of the samples (1008 logits), mean over splits",
+    "is_std": "standard deviation of IS over the splits",
+    "label_agreement": "share of 8x8-pixel cells whose class (cell classifier fitted on rendered scenes) "
+                       "equals the built-in map's label, mean over samples drawn from builtin maps",
+}
+
+
+@dataclass
+class SampleSetFeatures:
+    pool: np.ndarray  # (N, 2048)
+    logits: np.ndarray  # (N, 1008)
+    names: list[str]
+    skipped: list[str] = field(default_factory=list)
+    sizes: set[tuple[int, int]] = field(default_factory=set)
+
+
+@dataclass
+class SamplesResult:
+    metrics: dict[str, float]
+    settings: dict[str, Any]
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metrics": self.metrics,
+                "definitions": {k: DEFINITIONS[k] for k in self.metrics if k in DEFINITIONS},
+                "settings": self.settings, "skipped": self.skipped, "notes": self.notes}
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    d = Path(folder)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: no such folder of images")
+    return sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _batches(items: Iterator[tuple[str, np.ndarray]], batch_size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """Batches of same-sized images (a size change starts a new batch)."""
+    names: list[str] = []
+    arrs: list[np.ndarray] = []
+    for name, arr in items:
+        if arrs and (arr.shape != arrs[0].shape or len(arrs) == batch_size):
+            yield names, torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+            names, arrs = [], []
+        names.append(name)
+        arrs.append(arr)
+    if arrs:
+        yield names, torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+def folder_features(inception: Inception, paths: list[Path], batch_size: int = 32,
+                    progress: bool = False) -> SampleSetFeatures:
+    """Inception features of image files; unreadable files are skipped and named."""
+    skipped: list[str] = []
+    sizes: set[tuple[int, int]] = set()
+
+    def items() -> Iterator[tuple[str, np.ndarray]]:
+        seq = paths
+        if progress:
+            from rich.progress import track
+
+            seq = track(paths, description="inception features")
+        for p in seq:
+            try:
+                arr = _read_rgb(p)
+            except Exception as e:  # noqa: BLE001 - any unreadable image is skipped and named
+                skipped.append(f"{p}: {type(e).__name__}: {e}")
+                continue
+            sizes.add((arr.shape[1], arr.shape[0]))
+            yield str(p), arr
+
+    return _collect(inception, items(), batch_size, skipped, sizes)
+
+
+def _collect(inception: Inception, items: Iterator[tuple[str, np.ndarray]], batch_size: int,
+             skipped: list[str], sizes: set) -> SampleSetFeatures:
+    pools, logits, names = [], [], []
+    for n, x in _batches(items, batch_size):
+        p, lg = inception.features(x)
+        pools.append(p)
+        logits.append(lg)
+        names += n
+    if not names:
+        return SampleSetFeatures(np.zeros((0, 2048)), np.zeros((0, 1008)), [], skipped, sizes)
+    return SampleSetFeatures(np.concatenate(pools), np.concatenate(logits), names, skipped, sizes)
+
+
+def source_features(inception: Inception, source: str, size: int | None, limit: int | None,
+                    batch_size: int = 32, progress: bool = False) -> SampleSetFeatures:
+    """Features of a stage-one data source: a plain folder as stored (any size), other sources
+    (file lists, shards, builtin:landscapes) as centre crops of ``size`` (default 256)."""
+    if Path(source).is_dir() and size is None:
+        paths = list_images(source)
+        return folder_features(inception, paths[:limit] if limit else paths, batch_size, progress)
+    from vqgan_cli.data.dataset import collate
+    from vqgan_cli.evaluate.inception import to_uint8_batch
+    from vqgan_cli.evaluate.tokenizer import evaluation_dataset
+
+    ds = evaluation_dataset(source, size or 256, "image", None, limit)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=0)
+    skipped: list[str] = []
+
+    def items() -> Iterator[tuple[str, np.ndarray]]:
+        for b in loader:
+            skipped.extend(b["skipped"])
+            if not b["key"]:
+                continue
+            u = to_uint8_batch(b["image"]).permute(0, 2, 3, 1).numpy()
+            yield from zip(b["key"], u)
+
+    s = size or 256
+    return _collect(inception, items(), batch_size, skipped, {(s, s)})
+
+
+def stats_settings(inception: Inception, reference: str, size: int | None, limit: int | None) -> dict[str, Any]:
+    from vqgan_cli import __version__
+
+    return {"format": STATS_FORMAT, "network": "torch-fidelity inception-v3-compat",
+            "weights": INCEPTION_FILE, "features": "2048", "reference": reference,
+            "size": size, "limit": limit, "vqgan_version": __version__}
+
+
+_MUST_MATCH = ("format", "network", "weights", "features")
+
+
+def save_stats(path: str | Path, feats: SampleSetFeatures, settings: dict[str, Any]) -> Path:
+    mu, sigma = feature_stats(feats.pool)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "wb") as fh:
+        np.savez(fh, mu=mu, sigma=sigma, pool=feats.pool.astype(np.float32),
+                 settings=np.array(json.dumps({**settings, "images": len(feats.pool)})))
+    return p
+
+
+def load_stats(path: str | Path, expect: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """(mu, sigma, pool features, settings) of a statistics file, refused when made otherwise."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            mu, sigma, pool, settings = z["mu"], z["sigma"], z["pool"].astype(np.float64), json.loads(str(z["settings"]))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise EvaluationError(f"{path}: not a statistics file written by --save-stats ({e})") from None
+    for k in _MUST_MATCH:
+        if settings.get(k) != expect.get(k):
+            raise EvaluationError(f"{path}: made with {k} = {settings.get(k)!r}, this run uses "
+                                  f"{expect.get(k)!r}; recompute it with --save-stats")
+    return mu, sigma, pool, settings
+
+
+def builtin_agreement(folder: str | Path, names: list[str], classifier=None) -> tuple[float | None, int]:  # noqa: ANN001
+    """Mean label agreement of the samples whose sidecar's ``cond`` is ``builtin:landscapes[:SEED]``
+    with that map (rendered at the sample's size), and how many samples it covers."""
+    from vqgan_cli.data.landscapes import render_landscape
+    from vqgan_cli.map_agreement import fit_cell_classifier, label_agreement
+
+    vals = []
+    for name in names:
+        side = Path(name).with_suffix(".json")
+        if not side.is_file():
+            continue
+        try:
+            cond = json.loads(side.read_text()).get("cond")
+        except (OSError, ValueError):
+            continue
+        if not isinstance(cond, str) or not cond.startswith("builtin:landscapes"):
+            continue
+        seed = int(cond.rsplit(":", 1)[1]) if cond.count(":") == 2 else 0
+        img = _read_rgb(Path(name))
+        if img.shape[0] % 8 or img.shape[1] % 8:
+            continue
+        classifier = classifier or fit_cell_classifier()
+        labels = render_landscape(seed, img.shape[0], img.shape[1]).labels
+        vals.append(label_agreement(img, labels, 8, classifier))
+    return (float(np.mean(vals)) if vals else None), len(vals)
+
+
+def evaluate_samples(samples: str | Path, reference: str, inception: Inception, *,
+                     size: int | None = None, limit: int | None = None, batch_size: int = 32,
+                     kid_subsets: int = 100, kid_subset_size: int | None = None, is_splits: int = 10,
+                     save_stats_to: str | Path | None = None, progress: bool = False,
+                     agreement: bool = True, classifier=None) -> SamplesResult:  # noqa: ANN001
+    """FID, KID and IS of the images in ``samples`` against ``reference`` (a data source or a
+    ``.npz`` statistics file), plus label agreement where sidecars name built-in maps."""
+    paths = list_images(samples)
+    if not paths:
+        raise EvaluationError(f"{samples}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    expect = stats_settings(inception, reference, size, limit)
+    ref_is_stats = reference.endswith(".npz") and Path(reference).is_file()
+    if ref_is_stats:
+        mu_r, sig_r, pool_r, ref_settings = load_stats(reference, expect)
+        n_ref = len(pool_r)
+    gen = folder_features(inception, paths, batch_size, progress)
+    n = len(gen.pool)
+    if n < 2:
+        raise EvaluationError(f"{samples}: FID needs at least 2 readable images (a covariance), got {n}")
+    notes: list[str] = []
+    if len(gen.sizes) > 1:
+        notes.append(f"samples have {len(gen.sizes)} different sizes: each is resized to 299x299 by the "
+                     "Inception network (torch-fidelity's TF-bilinear convention)")
+    if not ref_is_stats:
+        ref = source_features(inception, reference, size, limit, batch_size, progress)
+        if len(ref.pool) < 2:
+            raise EvaluationError(f"{reference}: FID needs at least 2 reference images, got {len(ref.pool)}")
+        mu_r, sig_r = feature_stats(ref.pool)
+        pool_r, n_ref = ref.pool, len(ref.pool)
+        gen.skipped += [f"reference: {s}" for s in ref.skipped]
+        if save_stats_to is not None:
+            save_stats(save_stats_to, ref, expect)
+            notes.append(f"reference statistics saved to {save_stats_to}")
+    m = kid_subset_size if kid_subset_size is not None else min(1000, n, n_ref)
+    if m > min(n, n_ref) or m < 2:
+        raise EvaluationError(f"KID with subsets of {m} needs at least {max(m, 2)} images on each side; got "
+                              f"{n} samples and {n_ref} reference images (lower --kid-subset-size)")
+    splits = min(is_splits, n)
+    if splits < is_splits:
+        notes.append(f"IS over {splits} splits (only {n} samples)")
+    if n < 2048 or n_ref < 2048:
+        notes.append(f"FID over {n} samples / {n_ref} reference images: below 2048 the covariance is "
+                     "rank-deficient and FID is biased upwards; compare only at equal counts (50k is usual)")
+    metrics: dict[str, float] = {"fid": frechet_distance(*feature_stats(gen.pool), mu_r, sig_r)}
+    metrics["kid_mean"], metrics["kid_std"] = kernel_inception_distance(gen.pool, pool_r, kid_subsets, m)
+    metrics["is_mean"], metrics["is_std"] = inception_score(gen.logits, splits)
+    metrics["samples"], metrics["reference_images"] = n, n_ref
+    if agreement:
+        agree, covered = builtin_agreement(samples, gen.names, classifier)
+        if agree is not None:
+            metrics["label_agreement"] = agree
+            metrics["label_agreement_samples"] = covered
+    settings = {**expect, "samples": str(samples), "kid_subsets": kid_subsets, "kid_subset_size": m,
+                "is_splits": splits, "batch_size": batch_size}
+    return SamplesResult(metrics, settings, gen.skipped, notes)
