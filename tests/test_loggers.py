@@ -126,3 +126,56 @@ def test_curve_panels_hold_the_jsonl_numbers_by_split(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert write_curves(empty) is None
+
+
+def test_prior_run_logs_scalars_and_sample_grids_to_tensorboard(tmp_path):
+    from test_train_prior import make_shards
+    from test_train_prior import tiny_recipe as prior_recipe
+
+    from vqgan_cli.images import to_uint8
+    from vqgan_cli.loading import save_tokenizer
+    from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
+    from vqgan_cli.models.vqgan import VQGAN
+    from vqgan_cli.train.prior import train_prior
+
+    tok = VQGAN(TokenizerConfig(autoencoder=AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                                                              attn_resolutions=(), z_channels=4, resolution=8),
+                                quantizer=QuantizerConfig(n_embed=32, embed_dim=4))).eval()
+    tok_path = save_tokenizer(tmp_path / "tok.safetensors", tok)
+    shards = make_shards(tmp_path / "shards", n_embed=32)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["tokenizer"]["path"] = str(tok_path)
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    run = tmp_path / "prior"
+    train_prior(prior_recipe(shards, run, "train.loggers=[jsonl,tensorboard]"), "p")
+
+    acc = _events(run)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        for k, v in r.items():
+            if k not in ("step", "split") and isinstance(v, (int, float)) and v == v:
+                (event,) = [e for e in acc.Scalars(f"{r['split']}/{k}") if e.step == r["step"]]
+                assert event.value == pytest.approx(v, rel=1e-6, abs=1e-30), (k, r["step"])
+    grids = acc.Images("samples")
+    assert [g.step for g in grids] == [2, 4]
+    png = np.asarray(Image.open(run / "images" / "samples_step_0000004.png").convert("RGB"))
+    assert (grids[-1].height, grids[-1].width) == png.shape[:2]
+    # top row: the validation tokens decoded by the tokenizer the shards name (4 samples of 4x4
+    # tokens -> 8x8 pixels each, 2 px padding)
+    val = [r for r in records if r["split"] == "val"]
+    assert val and (run / "curves.png").is_file()
+    import torch
+
+    from vqgan_cli.train.prior_data import build_split, collate_tokens, resolve_data
+
+    recipe = prior_recipe(shards, run)
+    data = resolve_data(recipe.data, recipe.model.cond, recipe.model.sos_token, recipe.model.cond_dropout,
+                        recipe.train.batch_size)
+    ds = build_split(data, recipe.data, validation=True, seed=recipe.train.seed, with_cond=data.cond.spatial)
+    first = next(iter(torch.utils.data.DataLoader(ds, batch_size=recipe.train.batch_size,
+                                                  collate_fn=collate_tokens, num_workers=0)))
+    with torch.no_grad():
+        expected = to_uint8(tok.decode_indices(first["tokens"][:4].long()).clamp(-1, 1))  # (B, 8, 8, 3)
+    for i in range(expected.shape[0]):
+        x0 = 2 + i * (8 + 2)
+        assert np.array_equal(png[2:10, x0:x0 + 8], expected[i]), i

@@ -53,6 +53,7 @@ from vqgan_cli.train.prior_data import (
     resolve_data,
     unigram_entropy,
 )
+from vqgan_cli.train.prior_samples import SampleGrids
 from vqgan_cli.train.reporting import TrainProgress, console
 from vqgan_cli.train.signals import StopRequest
 
@@ -241,6 +242,8 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
     amp = R.autocast(rt, cfg.precision)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
     stop = StopRequest()
+    samples = SampleGrids(data.info.get("tokenizer"), rt.device, seed=cfg.seed) \
+        if rt.is_main and "tensorboard" in cfg.loggers and val_inputs else None
     seq_len = pcfg.gpt.block_size
     info = {**data.info, "grid": list(pcfg.grid), "run": str(run_dir)}
     if rt.is_main:
@@ -323,6 +326,10 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
                         val_result = evaluate_prior(core, val_inputs, amp)
                         val_result.update(unigram_entropy=unigram, unigram_bits=unigram / LN2)
                         metrics.write({"step": step, "split": "val", **val_result})
+                        if samples is not None:
+                            png = run_dir / "images" / f"samples_step_{step:07d}.png"
+                            if samples.write(png, core, val_inputs) is not None:
+                                metrics.image("samples", png, step)
                         bar.log(f"step {step} validation: loss {val_result['loss']:.4f} nats "
                                 f"({val_result['bits_per_token']:.3f} bits/token; unigram entropy "
                                 f"{unigram:.4f}), accuracy {val_result['accuracy']:.3f}")
