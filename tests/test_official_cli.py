@@ -177,6 +177,9 @@ def test_folder_ckpt_and_config_give_the_pngs_of_convert_then_sample(tmp_path):
         ref = pixels(tmp_path / "conv" / png)
         for name in ("folder", "ckpt", "config"):
             assert np.array_equal(pixels(tmp_path / name / png), ref), (name, png)
+    side = json.loads((tmp_path / "folder" / "0000_seed3.json").read_text())["checkpoints"]
+    assert side["prior"] == str(run / "checkpoints" / "last.ckpt") and side["config"] == str(yml)
+    assert len(side["config_sha256"]) == 64  # the YAML that made the model is recorded with it
     # and they are the Python path's pixels
     _, image = python_sample(run / "checkpoints" / "last.ckpt", yml, None, 3, top_k=8)
     assert np.array_equal(pixels(tmp_path / "folder" / "0000_seed3.png"), image)

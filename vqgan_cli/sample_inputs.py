@@ -33,6 +33,7 @@ class Models(NamedTuple):
     prior_path: Path
     tokenizer_path: Path
     info: dict[str, Any]  # the prior's stored info (empty for official files)
+    config_path: Path | None = None  # the official YAML the prior was read with
 
 
 def _recorded_tokenizer(info: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -106,7 +107,7 @@ def load_models(prior_path: str | Path, tokenizer_path: str | Path | None,
     if prior.cond.kind == "labels" and prior.cond.label_factor != tok.factor:
         raise SampleUsageError(f"the prior's label cells are {prior.cond.label_factor} px but the "
                                f"tokenizer's factor is {tok.factor}")
-    return Models(prior.to(device), tok.to(device), prior_path, Path(tok_path), info)
+    return Models(prior.to(device), tok.to(device), prior_path, Path(tok_path), info, config)
 
 
 def checkpoint_hashes(models: Models) -> dict[str, str]:
@@ -115,6 +116,8 @@ def checkpoint_hashes(models: Models) -> dict[str, str]:
     if models.tokenizer_path != models.prior_path:
         out.update(tokenizer=str(models.tokenizer_path),
                    tokenizer_sha256=file_sha256(models.tokenizer_path))
+    if models.config_path is not None:
+        out.update(config=str(models.config_path), config_sha256=file_sha256(models.config_path))
     return out
 
 
