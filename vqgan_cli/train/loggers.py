@@ -46,7 +46,7 @@ class RunLog:
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.tb_dir), purge_step=self._purge)
+            self._tb = SummaryWriter(str(self.tb_dir), purge_step=self._purge, flush_secs=30)
         return self._tb
 
     def truncate_after(self, step: int) -> None:
@@ -82,6 +82,11 @@ class RunLog:
         if not self.use_tb or values is None or values.numel() == 0:
             return
         self._writer().add_histogram(tag, values.detach().float().cpu(), step)
+
+    def code_histogram(self, tag: str, quantizer: torch.nn.Module, step: int) -> None:
+        """Which codes the quantizer's usage window used (computed only when TensorBoard is on)."""
+        if self.use_tb:
+            self.histogram(tag, code_use_counts(quantizer), step)
 
     def close(self) -> None:
         if self._tb is not None:

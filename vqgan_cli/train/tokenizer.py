@@ -31,7 +31,7 @@ from vqgan_cli.train import runtime as R
 from vqgan_cli.train.checkpointing import CheckpointManager, checkpoint_size
 from vqgan_cli.train.config import TrainConfig
 from vqgan_cli.train.evaluation import evaluate_tokenizer
-from vqgan_cli.train.loggers import RunLog, code_use_counts, draw_curves
+from vqgan_cli.train.loggers import RunLog, draw_curves
 from vqgan_cli.train.loop import (
     BatchStream,
     DataPosition,
@@ -272,7 +272,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
                     metrics.write({"step": step, "split": "train", **logs, "disc_factor": disc_factor,
                                    "codebook_usage": usage, "lr": lr, "images_per_s": rate,
                                    "skipped_files": skipped_total, "nonfinite_steps": guard.total})
-                    metrics.histogram("train/codes_used", code_use_counts(core.quantize), step)
+                    metrics.code_histogram("train/codes_used", core.quantize, step)
                     shown = (rate, f"loss {logs.get('loss', float('nan')):.4f} usage {usage:.2f}")
                 bar.update(step, shown[0], "img", shown[1])
                 if rt.is_main and due(step, cfg.image_every, cfg.max_steps) and val_inputs:
