@@ -112,4 +112,7 @@ def draw_curves(run_dir: Path) -> None:
     if not plot_available():
         console.print("[yellow]no curves.png: pip install 'vqgan[plot]', then vqgan plot RUN_DIR[/]")
         return
-    write_curves(run_dir)
+    try:
+        write_curves(run_dir)
+    except (OSError, ValueError) as e:  # a picture must not fail a run whose weights are saved
+        console.print(f"[yellow]curves.png not drawn ({e}); vqgan plot {run_dir} tries again[/]")
