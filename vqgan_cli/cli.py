@@ -479,6 +479,15 @@ def _check_perceptual(r) -> None:  # noqa: ANN001 - a TokenizerRecipe
         check_lpips_available(r.loss.lpips_backbone)
 
 
+def _register_evaluate() -> None:
+    from vqgan_cli.evaluate.cli import app as evaluate_app
+
+    app.add_typer(evaluate_app, name="evaluate")
+
+
+_register_evaluate()
+
+
 def main() -> None:
     try:
         app()

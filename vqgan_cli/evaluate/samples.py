@@ -227,6 +227,10 @@ def evaluate_samples(samples: str | Path, reference: str, inception: Inception, 
     if ref_is_stats:
         mu_r, sig_r, pool_r, ref_settings = load_stats(reference, expect)
         n_ref = len(pool_r)
+    if kid_subset_size is not None and (kid_subset_size > len(paths) or (ref_is_stats and kid_subset_size > n_ref)):
+        have = f"{len(paths)} sample file(s)" + (f" and {n_ref} reference images" if ref_is_stats else "")
+        raise EvaluationError(f"KID with subsets of {kid_subset_size} needs at least {kid_subset_size} images on "
+                              f"each side; {samples} has {have} (lower --kid-subset-size)")
     gen = folder_features(inception, paths, batch_size, progress)
     n = len(gen.pool)
     if n < 2:
