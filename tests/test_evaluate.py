@@ -276,3 +276,7 @@ def test_prior_bits_per_token_equal_own_cross_entropy(kind, tmp_path):
     assert any("4 non-overlapping 2x2 crops" in s for s in res.notes)
     limited = evaluate_prior(prior, shards, batch_size=3, limit=5)
     assert limited.metrics["samples"] == 5 and limited.metrics["tokens"] == 5 * 16
+    from vqgan_cli.train.prior_data import is_held_out
+
+    held = evaluate_prior(prior, shards, val_fraction=0.5)
+    assert held.metrics["samples"] == sum(is_held_out(f"img-{i:04d}", 0.5) for i in range(10))

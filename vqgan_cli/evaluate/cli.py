@@ -167,6 +167,8 @@ def prior_cmd(
     batch_size: Annotated[int, typer.Option(help="samples per forward pass")] = 16,
     crop: Annotated[str | None, typer.Option(help="HxW token crop grid for sliding-window priors "
                                                   "(default: the prior's training grid)")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="score only the samples a run with "
+                                                            "data.val_fraction F held out")] = None,
     config: Annotated[Path | None, typer.Option(help="the official model YAML, when there is one")] = None,
     device: Device = "auto",
     out: Out = Path("eval/prior"),
@@ -187,7 +189,8 @@ def prior_cmd(
                 raise ValueError(f"--crop: expected HxW in tokens, e.g. 16x16, got {crop!r}") from None
         model = load_prior(prior, config=str(config) if config else None)
         res = evaluate_prior(model, shards, limit=limit, batch_size=batch_size,
-                             device=resolve_device(device), crop=c, progress=True)
+                             device=resolve_device(device), crop=c,
+                             val_fraction=val_fraction, progress=True)
         res.settings.update(prior=prior)
         _write(out, res.to_json())
         _table(f"prior {Path(prior).name} on {shards}", res.metrics, res.notes, [])

@@ -42,7 +42,7 @@ def _tiles(h: int, w: int, crop: tuple[int, int] | None) -> list[tuple[int, int,
 @torch.no_grad()
 def evaluate_prior(prior, shards: str | Path, *, limit: int | None = None, batch_size: int = 16,  # noqa: ANN001
                    device: torch.device | str = "cpu", crop: tuple[int, int] | None = None,
-                   progress: bool = False) -> PriorResult:
+                   val_fraction: float | None = None, progress: bool = False) -> PriorResult:
     """Teacher-forced NLL of every sample (original orientation) of the shards in ``shards``.
 
     Grids larger than the prior's training crop (``prior.config.grid``, or ``crop``) are scored on
@@ -56,6 +56,11 @@ def evaluate_prior(prior, shards: str | Path, *, limit: int | None = None, batch
     prior = prior.to(dev).eval()
     ds = TokenShardDataset(shards, crop=None, shuffle=False, variants="original",
                            with_cond=prior.cond.spatial, split=(0, 1))
+    if val_fraction is not None:  # only the samples a run with data.val_fraction held out
+        from vqgan_cli.train.prior_data import HeldOutSplit
+
+        ds_all, ds = ds, HeldOutSplit(ds, val_fraction, validation=True)
+        ds.vocab_size = ds_all.vocab_size
     vocab = prior.config.gpt.vocab_size
     if ds.vocab_size > vocab:
         from vqgan_cli.data.shards import ShardError
@@ -109,7 +114,7 @@ def evaluate_prior(prior, shards: str | Path, *, limit: int | None = None, batch
     if len(tiles) > 1:
         notes.append(f"grids of {grid[0]}x{grid[1]} tokens scored as {len(tiles)} non-overlapping "
                      f"{tiles[0][2]}x{tiles[0][3]} crops (the prior's training crop)")
-    settings = {"shards": str(shards), "limit": limit, "batch_size": batch_size, "device": str(dev),
+    settings = {"shards": str(shards), "limit": limit, "val_fraction": val_fraction, "batch_size": batch_size, "device": str(dev),
                 "crop": list(crop) if crop else None, "grid": list(grid) if grid else None,
                 "variants": "original (no flips)", "cond_kind": prior.cond.kind}
     return PriorResult(metrics, settings, notes)
