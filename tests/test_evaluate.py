@@ -21,8 +21,15 @@ from vqgan_cli.metrics import feature_stats, frechet_distance, kernel_inception_
 fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3",
                          reason="torch-fidelity is not installed (pip install -e '.[test]')")
 
-from vqgan_cli.evaluate import (INCEPTION_FILE, EvaluationError, Inception,  # noqa: E402
-                                InceptionWeightsMissing, evaluate_prior, evaluate_samples, load_stats)
+from vqgan_cli.evaluate import (  # noqa: E402
+    INCEPTION_FILE,
+    EvaluationError,
+    Inception,
+    InceptionWeightsMissing,
+    evaluate_prior,
+    evaluate_samples,
+    load_stats,
+)
 
 runner = CliRunner()
 
@@ -174,7 +181,7 @@ def test_label_agreement_of_samples_from_builtin_maps(inception, tmp_path):
     folder = tmp_path / "s"
     imgs = _scenes([5, 6, 7], 32)
     paths = _write_images(folder, imgs)
-    for p, seed in zip(paths[:2], (5, 6)):
+    for p, seed in zip(paths[:2], (5, 6), strict=True):
         p.with_suffix(".json").write_text(json.dumps({"cond": f"builtin:landscapes:{seed}", "seed": 0}))
     paths[2].with_suffix(".json").write_text(json.dumps({"cond": None}))
     res = evaluate_samples(folder, str(folder), inception, kid_subsets=1, is_splits=1, classifier=clf)
@@ -188,10 +195,11 @@ def test_label_agreement_of_samples_from_builtin_maps(inception, tmp_path):
 
 
 def test_tokenizer_cli_psnr_and_usage_match_the_reconstructions(weights, tmp_path):
+    from test_cli_models import tiny_model
+
     from vqgan_cli.data.dataset import VAL_SEED_BASE
     from vqgan_cli.data.transforms import image_to_tensor
     from vqgan_cli.loading import load_tokenizer, save_tokenizer
-    from test_cli_models import tiny_model
 
     ckpt = save_tokenizer(tmp_path / "tok.safetensors", tiny_model())
     out = tmp_path / "ev"

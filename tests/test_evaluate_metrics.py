@@ -8,7 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from vqgan_cli.metrics import feature_stats, frechet_distance, inception_score, kernel_inception_distance
+from vqgan_cli.metrics import (
+    feature_stats,
+    frechet_distance,
+    frechet_distance_features,
+    inception_score,
+    kernel_inception_distance,
+)
 
 
 def _rotation(d: int, seed: int) -> np.ndarray:
@@ -41,7 +47,7 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise():
 
 
 def _k(x, y):
-    return (sum(a * b for a, b in zip(x, y)) / len(x) + 1) ** 3
+    return (sum(a * b for a, b in zip(x, y, strict=True)) / len(x) + 1) ** 3
 
 
 def test_kid_equals_hand_computed_unbiased_mmd():
@@ -81,3 +87,17 @@ def test_inception_score_equals_hand_computation():
     assert inception_score(np.eye(3) * 50, splits=1)[0] == pytest.approx(3.0, rel=1e-6)
     with pytest.raises(ValueError, match="at least 10 images"):
         inception_score(np.zeros((4, 3)), splits=10)
+
+
+def test_fid_of_small_feature_sets_equals_the_covariance_route():
+    from scipy import linalg
+
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(7, 30)), rng.normal(size=(9, 30)) * 1.5 + 0.2  # fewer rows than dimensions
+    m1, s1 = np.mean(a, 0), np.cov(a, rowvar=False)
+    m2, s2 = np.mean(b, 0), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm((s1 + 1e-9 * np.eye(30)) @ (s2 + 1e-9 * np.eye(30)))  # an independent route
+    expected = float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(np.real(covmean)))
+    assert frechet_distance_features(a, b) == pytest.approx(expected, rel=1e-5)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-5)
+    assert frechet_distance_features(a, a) == pytest.approx(0.0, abs=1e-9)

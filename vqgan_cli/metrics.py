@@ -146,26 +146,42 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance of two Gaussians: ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``.
 
-    The matrix square root is scipy's ``sqrtm``; when it is not finite (singular product) ``eps``
-    is added to both diagonals, as pytorch-fid and torch-fidelity do; a tiny imaginary part from
-    rounding is dropped."""
-    from scipy import linalg
-
+    ``tr (S1 S2)^(1/2) = tr (S1^(1/2) S2 S1^(1/2))^(1/2)``: two symmetric eigendecompositions,
+    exact for the rank-deficient covariances of small sets (no eps offset, no complex rounding as
+    with a general ``sqrtm``); eigenvalues below zero by rounding count as zero."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
         raise ValueError(f"statistics differ in shape: {mu1.shape}/{s1.shape} vs {mu2.shape}/{s2.shape}")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(s1.shape[0]) * eps
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    covmean = np.real(covmean)
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root1 @ s2 @ root1
+    tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+
+
+def frechet_distance_features(f1: np.ndarray, f2: np.ndarray) -> float:
+    """FID of two feature sets (N, D), (M, D): :func:`frechet_distance` of their Gaussians.
+
+    With fewer rows than dimensions the covariances are X^T X / (N-1) and Y^T Y / (M-1) of the
+    centred features, and ``tr (S1 S2)^(1/2)`` is the nuclear norm of ``X Y^T / sqrt((N-1)(M-1))``
+    (the non-zero eigenvalues of S1 S2 are the squared singular values of that small matrix):
+    the same number without any D x D decomposition."""
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    n, m, d = len(f1), len(f2), f1.shape[1]
+    if min(n, m) >= d:
+        return frechet_distance(*feature_stats(f1), *feature_stats(f2))
+    if min(n, m) < 2:
+        raise ValueError(f"a covariance needs at least 2 feature rows, got {n} and {m}")
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    x, y = f1 - mu1, f2 - mu2
+    nuclear = np.linalg.svd(x @ y.T / np.sqrt((n - 1) * (m - 1)), compute_uv=False).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + (x * x).sum() / (n - 1) + (y * y).sum() / (m - 1) - 2.0 * nuclear)
 
 
 def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,

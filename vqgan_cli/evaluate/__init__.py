@@ -4,9 +4,14 @@
 Every metric's formula lives in :mod:`vqgan_cli.metrics`; this package runs models over data sets
 and collects the numbers into typed results."""
 
-from vqgan_cli.evaluate.inception import (INCEPTION_FILE, EvaluationError, Inception,
-                                          InceptionWeightsMissing, check_inception_weights,
-                                          default_weights_path)
+from vqgan_cli.evaluate.inception import (
+                                          INCEPTION_FILE,
+                                          EvaluationError,
+                                          Inception,
+                                          InceptionWeightsMissing,
+                                          check_inception_weights,
+                                          default_weights_path,
+)
 from vqgan_cli.evaluate.prior import PriorResult, evaluate_prior
 from vqgan_cli.evaluate.samples import SamplesResult, evaluate_samples, load_stats, save_stats
 from vqgan_cli.evaluate.tokenizer import TokenizerResult, batch_metrics, evaluate_tokenizer, validate

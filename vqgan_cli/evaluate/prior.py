@@ -114,7 +114,8 @@ def evaluate_prior(prior, shards: str | Path, *, limit: int | None = None, batch
     if len(tiles) > 1:
         notes.append(f"grids of {grid[0]}x{grid[1]} tokens scored as {len(tiles)} non-overlapping "
                      f"{tiles[0][2]}x{tiles[0][3]} crops (the prior's training crop)")
-    settings = {"shards": str(shards), "limit": limit, "val_fraction": val_fraction, "batch_size": batch_size, "device": str(dev),
+    settings = {"shards": str(shards), "limit": limit, "val_fraction": val_fraction,
+                "batch_size": batch_size, "device": str(dev),
                 "crop": list(crop) if crop else None, "grid": list(grid) if grid else None,
                 "variants": "original (no flips)", "cond_kind": prior.cond.kind}
     return PriorResult(metrics, settings, notes)

@@ -18,8 +18,13 @@ import numpy as np
 import torch
 
 from vqgan_cli.evaluate.inception import INCEPTION_FILE, EvaluationError, Inception
-from vqgan_cli.metrics import (feature_stats, frechet_distance, inception_score,
-                               kernel_inception_distance)
+from vqgan_cli.metrics import (
+    feature_stats,
+    frechet_distance,
+    frechet_distance_features,
+    inception_score,
+    kernel_inception_distance,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm")
 STATS_FORMAT = "vqgan-inception-stats-v1"
@@ -142,7 +147,7 @@ def source_features(inception: Inception, source: str, size: int | None, limit: 
             if not b["key"]:
                 continue
             u = to_uint8_batch(b["image"]).permute(0, 2, 3, 1).numpy()
-            yield from zip(b["key"], u)
+            yield from zip(b["key"], u, strict=True)
 
     s = size or 256
     return _collect(inception, items(), batch_size, skipped, {(s, s)})
@@ -173,7 +178,8 @@ def load_stats(path: str | Path, expect: dict[str, Any]) -> tuple[np.ndarray, np
     """(mu, sigma, pool features, settings) of a statistics file, refused when made otherwise."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            mu, sigma, pool, settings = z["mu"], z["sigma"], z["pool"].astype(np.float64), json.loads(str(z["settings"]))
+            mu, sigma, pool = z["mu"], z["sigma"], z["pool"].astype(np.float64)
+            settings = json.loads(str(z["settings"]))
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -259,7 +265,9 @@ def evaluate_samples(samples: str | Path, reference: str, inception: Inception, 
     if n < 2048 or n_ref < 2048:
         notes.append(f"FID over {n} samples / {n_ref} reference images: below 2048 the covariance is "
                      "rank-deficient and FID is biased upwards; compare only at equal counts (50k is usual)")
-    metrics: dict[str, float] = {"fid": frechet_distance(*feature_stats(gen.pool), mu_r, sig_r)}
+    fid = (frechet_distance_features(gen.pool, pool_r) if n < 2048 and n_ref < 2048
+           else frechet_distance(*feature_stats(gen.pool), mu_r, sig_r))
+    metrics: dict[str, float] = {"fid": fid}
     metrics["kid_mean"], metrics["kid_std"] = kernel_inception_distance(gen.pool, pool_r, kid_subsets, m)
     metrics["is_mean"], metrics["is_std"] = inception_score(gen.logits, splits)
     metrics["samples"], metrics["reference_images"] = n, n_ref

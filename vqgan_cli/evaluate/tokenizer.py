@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vqgan_cli.metrics import code_counts, feature_stats, frechet_distance, psnr, ssim
+from vqgan_cli.metrics import code_counts, frechet_distance_features, psnr, ssim
 
 DEFINITIONS = {
     "l1": "mean |x - x_hat| over pixels and channels, model space [-1, 1] (decoder output unclamped)",
@@ -173,7 +173,7 @@ def evaluate_tokenizer(model, source: str, size: int = 256, limit: int | None = 
 
             raise EvaluationError(f"rFID needs at least 2 images (a covariance), got {len(fx)}; "
                                   "raise --limit or pass --no-fid")
-        metrics["rfid"] = frechet_distance(*feature_stats(fx), *feature_stats(fy))
+        metrics["rfid"] = frechet_distance_features(fx, fy)
         if len(fx) < 2048:
             notes.append(f"rFID over {len(fx)} images: below 2048 (the feature dimension) the covariance is "
                          "rank-deficient and FID is biased upwards; compare only at equal image counts")
