@@ -182,8 +182,8 @@ def test_label_agreement_of_samples_from_builtin_maps(inception, tmp_path):
     imgs = _scenes([5, 6, 7], 32)
     paths = _write_images(folder, imgs)
     for p, seed in zip(paths[:2], (5, 6), strict=True):
-        p.with_suffix(".json").write_text(json.dumps({"cond": f"builtin:landscapes:{seed}", "seed": 0}))
-    paths[2].with_suffix(".json").write_text(json.dumps({"cond": None}))
+        p.with_suffix(".json").write_text(json.dumps({"settings": {"cond": f"builtin:landscapes:{seed}"}}))
+    paths[2].with_suffix(".json").write_text(json.dumps({"settings": {"cond": None}}))  # as vqgan sample writes
     res = evaluate_samples(folder, str(folder), inception, kid_subsets=1, is_splits=1, classifier=clf)
     expected = np.mean([label_agreement(imgs[i], render_landscape(s, 32, 32).labels, 8, clf)
                         for i, s in ((0, 5), (1, 6))])

@@ -203,7 +203,8 @@ def builtin_agreement(folder: str | Path, names: list[str], classifier=None) -> 
         if not side.is_file():
             continue
         try:
-            cond = json.loads(side.read_text()).get("cond")
+            meta = json.loads(side.read_text())
+            cond = (meta.get("settings") or {}).get("cond", meta.get("cond"))  # vqgan sample: settings.cond
         except (OSError, ValueError):
             continue
         if not isinstance(cond, str) or not cond.startswith("builtin:landscapes"):
