@@ -288,3 +288,27 @@ def test_prior_bits_per_token_equal_own_cross_entropy(kind, tmp_path):
 
     held = evaluate_prior(prior, shards, val_fraction=0.5)
     assert held.metrics["samples"] == sum(is_held_out(f"img-{i:04d}", 0.5) for i in range(10))
+
+
+def test_tokenizer_sources_skip_unreadable_files_and_limit_shards(tmp_path):
+    import io
+    import tarfile
+
+    from test_cli_models import tiny_model
+
+    from vqgan_cli.evaluate import evaluate_tokenizer
+
+    folder = tmp_path / "imgs"
+    _write_images(folder, _scenes(range(2), 48))
+    (folder / "zz_broken.png").write_bytes(b"\x89PNG not really")
+    res = evaluate_tokenizer(tiny_model(), str(folder), size=32, batch_size=2)
+    assert res.metrics["images"] == 2 and len(res.skipped) == 1 and "zz_broken.png" in res.skipped[0]
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tf:
+        for i, a in enumerate(_scenes(range(3), 40)):
+            b = io.BytesIO()
+            Image.fromarray(a).save(b, "PNG")
+            info = tarfile.TarInfo(f"{i:04d}.png")
+            info.size = len(b.getvalue())
+            tf.addfile(info, io.BytesIO(b.getvalue()))
+    res = evaluate_tokenizer(tiny_model(), str(tmp_path / "shard-000.tar"), size=32, limit=2, batch_size=1)
+    assert res.metrics["images"] == 2 and [r["key"] for r in res.per_image] == ["0000", "0001"]

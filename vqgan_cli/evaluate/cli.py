@@ -76,6 +76,7 @@ def tokenizer_cmd(
     tokenizer: Annotated[str, typer.Option(help="our .safetensors, an official .ckpt or release folder")],
     data: Annotated[str, typer.Option(help="folder | file list .txt | tar shard(s) | builtin:landscapes")],
     size: Annotated[int, typer.Option(help="smaller side resized to this, then centre crop")] = 256,
+    root: Annotated[str | None, typer.Option(help="base folder of relative paths in a file list")] = None,
     limit: Annotated[int | None, typer.Option(help="first N images (builtin: N held-out scenes, default 64)")] = None,
     batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 8,
     config: Annotated[Path | None, typer.Option(help="the official model YAML, when there is one")] = None,
@@ -111,7 +112,7 @@ def tokenizer_cmd(
                               soft_wrap=True)
         inc = Inception(inception_weights, dev) if fid else None
         res = evaluate_tokenizer(model, data, size, limit, batch_size, dev, _precision(precision, dev),
-                                 perceptual, inc, progress=True)
+                                 perceptual, inc, progress=True, root=root)
         res.settings.update(tokenizer=tokenizer, lpips=lpips if perceptual is not None else None)
         _write(out, res.to_json(), res.per_image)
         _table(f"tokenizer {Path(tokenizer).name} on {data}", res.metrics, res.notes, res.skipped)

@@ -93,24 +93,40 @@ class TokenizerResult:
 
 
 def evaluation_dataset(source: str, size: int, modality: str, n_labels: int | None,
-                       limit: int | None, bad_files: str = "skip"):  # noqa: ANN201 - a Dataset
+                       limit: int | None, bad_files: str = "skip", root: str | None = None):  # noqa: ANN201
     """Centre crops of ``size`` (smaller side resized to ``size`` first) of every item of a stage-one
     source; ``builtin:landscapes`` gives the held-out validation scenes. ``limit``: the first N."""
     from vqgan_cli.data.config import DataConfig
     from vqgan_cli.data.dataset import build_dataset
 
-    cfg = DataConfig(train=source, val=source, size=size, workers=0, bad_files=bad_files,
+    cfg = DataConfig(train=source, val=source, root=root, size=size, workers=0, bad_files=bad_files,
                      val_count=limit if limit is not None else 64)
     ds = build_dataset(cfg, "val", modality, n_labels)
-    if limit is not None and hasattr(ds, "__len__") and len(ds) > limit:
+    if limit is not None and isinstance(ds, torch.utils.data.IterableDataset):  # webdataset shards
+        return _First(ds, limit)
+    if limit is not None and len(ds) > limit:
         ds = torch.utils.data.Subset(ds, range(limit))
     return ds
+
+
+class _First(torch.utils.data.IterableDataset):
+    """The first ``n`` items of a streamed dataset."""
+
+    def __init__(self, inner: torch.utils.data.IterableDataset, n: int):
+        super().__init__()
+        self.inner, self.n = inner, n
+
+    def __iter__(self):  # noqa: ANN204
+        for i, item in enumerate(self.inner):
+            if i >= self.n:
+                return
+            yield item
 
 
 def evaluate_tokenizer(model, source: str, size: int = 256, limit: int | None = None,  # noqa: ANN001, C901
                        batch_size: int = 8, device: torch.device | str = "cpu",
                        precision: str = "fp32", perceptual: torch.nn.Module | None = None,
-                       inception=None, progress: bool = False) -> TokenizerResult:  # noqa: ANN001
+                       inception=None, progress: bool = False, root: str | None = None) -> TokenizerResult:  # noqa: ANN001
     """Reconstruct every image of ``source`` through ``model`` and measure it.
 
     ``inception``: an :class:`~vqgan_cli.evaluate.inception.Inception` for rFID (None: skipped).
@@ -122,7 +138,7 @@ def evaluate_tokenizer(model, source: str, size: int = 256, limit: int | None = 
     model = model.to(dev).eval()
     modality = model.config.modality
     n_labels = getattr(model.config, "n_labels", None)
-    ds = evaluation_dataset(source, size, modality, n_labels, limit)
+    ds = evaluation_dataset(source, size, modality, n_labels, limit, root=root)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=0)
     n_embed = model.config.quantizer.n_embed
     counts = torch.zeros(n_embed, dtype=torch.long)
@@ -136,7 +152,8 @@ def evaluate_tokenizer(model, source: str, size: int = 256, limit: int | None = 
     if progress:
         from rich.progress import track
 
-        it = track(loader, description="evaluating", total=math.ceil(len(ds) / batch_size))
+        total = math.ceil(len(ds) / batch_size) if hasattr(ds, "__len__") else None
+        it = track(loader, description="evaluating", total=total)
     with torch.no_grad():
         for batch in it:
             skipped += batch["skipped"]
@@ -182,7 +199,7 @@ def evaluate_tokenizer(model, source: str, size: int = 256, limit: int | None = 
     if perceptual is None and modality == "image":
         notes.append("LPIPS skipped (VGG16 weights not given or not found)")
     metrics["images"] = len(rows)
-    settings = {"source": source, "size": size, "limit": limit, "batch_size": batch_size,
+    settings = {"source": source, "root": root, "size": size, "limit": limit, "batch_size": batch_size,
                 "device": str(dev), "precision": precision, "modality": modality, "n_embed": n_embed,
                 "crop": "smaller side resized to size, centre crop"}
     return TokenizerResult(metrics, rows, counts.numpy(), skipped, notes, settings)
