@@ -191,11 +191,15 @@ def test_fast_window_and_defaults_reach_the_sidecar(ckpts, tmp_path) -> None:
     assert code == 0, out
     settings = json.loads((tmp_path / "f" / "0000_seed0.json").read_text())["settings"]
     assert (settings["window"], settings["segment"], settings["device"]) == ("fast", 2, "auto")
-    code, out = sample("--prior", str(ckpts["sos"]), "--size", "16x12", "--n", "1",
+    code, out = sample("--prior", str(ckpts["sos"]), "--size", "16x12", "--n", "1", "--window", "exact",
                        "--out", str(tmp_path / "e"))
     assert code == 0, out
     settings = json.loads((tmp_path / "e" / "0000_seed0.json").read_text())["settings"]
-    assert settings["window"] == "exact"  # the default
+    assert settings["window"] == "exact"
+    code, out = sample("--prior", str(ckpts["sos"]), "--size", "16x12", "--n", "1",
+                       "--out", str(tmp_path / "d"))
+    assert code == 0, out
+    assert json.loads((tmp_path / "d" / "0000_seed0.json").read_text())["settings"]["window"] == "fast"
     assert png_pixels(tmp_path / "e" / "0000_seed0.png") != png_pixels(tmp_path / "f" / "0000_seed0.png")
 
 
