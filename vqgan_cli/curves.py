@@ -3,7 +3,7 @@
 One panel per question a reader asks (is the loss going down, how good are reconstructions or
 predictions, is the codebook used, what did the adaptive weight and learning rate do), train as
 solid lines and validation as dots on the same axes. Panels without data are left out, so the
-same code draws tokenizer and prior runs. matplotlib is an optional extra (``vqgan[plot]``).
+same code draws tokenizer and prior runs. matplotlib is a dependency (imported lazily).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def write_curves(run_dir: Path, out: Path | None = None) -> Path | None:
     if not panels:
         return None
     if not plot_available():
-        raise ImportError("curves.png needs matplotlib: pip install 'vqgan[plot]'")
+        raise ImportError("curves.png needs matplotlib: pip install matplotlib")
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     cols = 3 if len(panels) > 4 else 2

@@ -110,7 +110,7 @@ def draw_curves(run_dir: Path) -> None:
     from vqgan_cli.train.reporting import console
 
     if not plot_available():
-        console.print("[yellow]no curves.png: pip install 'vqgan[plot]', then vqgan plot RUN_DIR[/]")
+        console.print("[yellow]no curves.png: pip install matplotlib, then vqgan plot RUN_DIR[/]")
         return
     try:
         write_curves(run_dir)
