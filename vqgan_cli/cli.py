@@ -18,6 +18,7 @@ from typing import Annotated, TypeVar
 import typer
 
 from vqgan_cli.train.reporting import console
+from vqgan_cli.window_choices import DEFAULT_MEMORY_MIB, DEFAULT_WINDOW
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Taming Transformers: train VQGAN tokenizers and transformer priors, sample images.")
@@ -354,14 +355,23 @@ def plot_cmd(
     run_guarded(go)
 
 
+WINDOW_HELP = ("beyond the crop: exact (the reference's window for every token, batched) | fast "
+               "(one cached window per tile of tokens: much faster, shifts each token's window; "
+               "see the README)")
+SEGMENT_HELP = "--window fast: tokens per row of a tile (1 .. crop width/2 + 1; default the widest)"
+MEMORY_HELP = (f"MiB for window batches and fast's caches (default {DEFAULT_MEMORY_MIB:g}); "
+               "an error before sampling says when it is too small")
+
+
 def _sample_guarded(fn: Callable[[], T]) -> T:
     """run_guarded, plus sample/upscale's own usage errors (exit 2, before any sampling)."""
     from vqgan_cli.sample_inputs import SampleUsageError
+    from vqgan_cli.sampling import SamplingError
 
     def inner() -> T:
         try:
             return fn()
-        except SampleUsageError as e:
+        except (SampleUsageError, SamplingError) as e:
             raise _fail(str(e), 2) from None
 
     return run_guarded(inner)
@@ -403,8 +413,9 @@ def sample_cmd(
         help="WxH pixels; beyond the training crop a sliding window is used")] = None,
     init: Annotated[str | None, typer.Option(help="image to complete")] = None,
     keep: Annotated[float, typer.Option(help="with --init: the top fraction of rows kept")] = 0.5,
-    window: Annotated[str, typer.Option(
-        help="blockwise (cached, fast) | per-token (the reference's placement)")] = "blockwise",
+    window: Annotated[str, typer.Option(help=WINDOW_HELP)] = DEFAULT_WINDOW,
+    segment: Annotated[int | None, typer.Option(help=SEGMENT_HELP)] = None,
+    window_memory: Annotated[float | None, typer.Option(help=MEMORY_HELP)] = None,
     cache: Annotated[bool, typer.Option(
         help="key/value cache at the crop size (--no-cache: full forward per token)")] = True,
     precision: Annotated[str, typer.Option(
@@ -412,7 +423,7 @@ def sample_cmd(
     decode: Annotated[str, typer.Option(help="auto | whole | tiles")] = "auto",
     out: Annotated[Path, typer.Option(help="folder for the PNGs and their JSON sidecars")] = Path("samples"),
     grid: Annotated[bool, typer.Option(help="also save all images side by side")] = False,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     skip_existing: Annotated[bool, typer.Option(
         help="draw only the images not yet in --out (after Ctrl-C: the same result as one run)")] = False,
 ) -> None:
@@ -426,7 +437,8 @@ def sample_cmd(
             prior=prior, tokenizer=tokenizer, config=config, n=n, batch_size=batch_size, seed=seed,
             temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
             classes=list(classes or []), cond=cond, size=size, init=init, keep=keep, window=window,
-            cache=cache, precision=precision, decode=decode, out=str(out), grid=grid, device=device,
+            segment=segment, window_memory=window_memory, cache=cache, precision=precision,
+            decode=decode, out=str(out), grid=grid, device=device,
             skip_existing=skip_existing,  # not recorded: it changes which images are drawn, not how
             command=shlex.join(["vqgan", *(a for a in sys.argv[1:] if a != "--skip-existing")])
             if "sample" in sys.argv else None))
@@ -450,10 +462,12 @@ def upscale_cmd(
         help="keep the smallest set with this much probability")] = None,
     tokenizer: Annotated[str | None, typer.Option(
         help="image tokenizer (default: the one the prior records)")] = None,
-    window: Annotated[str, typer.Option(help="blockwise | per-token")] = "blockwise",
+    window: Annotated[str, typer.Option(help=WINDOW_HELP)] = DEFAULT_WINDOW,
+    segment: Annotated[int | None, typer.Option(help=SEGMENT_HELP)] = None,
+    window_memory: Annotated[float | None, typer.Option(help=MEMORY_HELP)] = None,
     precision: Annotated[str, typer.Option(help="fp32 | bf16")] = "fp32",
     decode: Annotated[str, typer.Option(help="auto | whole | tiles")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Stochastic super-resolution: sample a detailed image S times larger than IMAGE."""
     import shlex
@@ -464,7 +478,7 @@ def upscale_cmd(
         r = run_upscale(UpscaleRequest(
             prior=prior, image=str(image), scale=scale, out=str(out), n=n, seed=seed,
             temperature=temperature, top_k=top_k, top_p=top_p, tokenizer=tokenizer, window=window,
-            precision=precision, decode=decode, device=device,
+            segment=segment, window_memory=window_memory, precision=precision, decode=decode, device=device,
             command=shlex.join(["vqgan", *sys.argv[1:]]) if "upscale" in sys.argv else None))
         _sample_summary(f"upscaled {image}", r)
 

@@ -39,7 +39,16 @@ from vqgan_cli.sample_inputs import (
     vocab_of,
 )
 from vqgan_cli.sampling import SamplingError, SamplingOptions, make_generators, sample_sequence
-from vqgan_cli.window import PRECISIONS, WINDOW_MODES, Conditioning, precision_context, sample_window
+from vqgan_cli.window import (
+    DEFAULT_SEGMENT,
+    DEFAULT_WINDOW,
+    PRECISIONS,
+    WINDOW_MODES,
+    Conditioning,
+    check_window,
+    precision_context,
+    sample_window,
+)
 
 
 @dataclass
@@ -61,14 +70,15 @@ class SampleRequest:
     size: str | None = None
     init: str | None = None
     keep: float = 0.5
-    window: str = "blockwise"
+    window: str = DEFAULT_WINDOW
+    segment: int | None = DEFAULT_SEGMENT
+    window_memory: float | None = None
     cache: bool = True
-    max_rows: int | None = None
     precision: str = "fp32"
     decode: str = "auto"
     out: str = "samples"
     grid: bool = False
-    device: str = "cpu"
+    device: str = "auto"
     command: str | None = None
     skip_existing: bool = False  # draw only images whose PNG and sidecar are not in ``out`` yet
 
@@ -147,9 +157,7 @@ def plan_sample(req: SampleRequest, models: Models, notes: list[str]) -> Plan:
     check_conditioning(prior, req.cond, req.classes)
     crop = crop_grid(prior, tok)
     h, w = parse_size(_cond_size_default(req, tok.factor, crop), tok.factor, crop)
-    if (h, w) != crop and not _raster(prior):
-        raise SampleUsageError(f"this prior reads tokens in '{prior.config.permuter}' order; the "
-                               "sliding window needs row-major order, so sample at the crop size")
+    _check_raster(prior, (h, w), crop, "--size")
     cond = None
     if req.cond is not None:
         cond = cond_grid(prior, read_cond_map(req.cond, prior, h * tok.factor, w * tok.factor, notes), h, w)
@@ -169,6 +177,30 @@ def _raster(prior: Any) -> bool:
     return prior.config.permuter == "identity"
 
 
+def _check_raster(prior: Any, grid: tuple[int, int], crop: tuple[int, int], option: str) -> None:
+    """The sliding windows read tokens in raster order: another reading order only at the crop."""
+    if grid != crop and not _raster(prior):
+        raise SampleUsageError(
+            f"{option}: this prior reads tokens in '{prior.config.permuter}' order; the sliding "
+            f"window (--window) needs row-major (raster) order, so only the crop size "
+            f"{crop[1]}x{crop[0]} tokens can be sampled")
+
+
+def check_window_options(models: Models, plan: Plan, batch: int, guided: bool, window: str,
+                         segment: int | None, window_memory: float | None) -> None:
+    """The window scheme's checks (grid, segment, memory budget), before any sampling."""
+    if plan.grid == plan.crop:
+        return
+    prior = models.prior
+    fixed = 1 if prior.cond.kind in ("sos", "class") else None
+    lc = fixed if fixed is not None else plan.crop[0] * plan.crop[1]
+    try:
+        check_window(prior.gpt, lc, plan.grid, plan.crop, window, batch, guided, window_memory,
+                     segment, known=plan.known)
+    except SamplingError as e:
+        raise SampleUsageError(str(e)) from None
+
+
 def _fixed_cond(models: Models, classes: list[int | None]) -> torch.Tensor | None:
     prior = models.prior
     dev = prior.gpt.head.weight.device
@@ -181,8 +213,9 @@ def _fixed_cond(models: Models, classes: list[int | None]) -> torch.Tensor | Non
 
 @torch.no_grad()
 def sample_batch(models: Models, plan: Plan, opts: SamplingOptions, idx: list[int],
-                 window: str = "blockwise", cache: bool = True, max_rows: int | None = None,
-                 precision: str = "fp32") -> torch.Tensor:
+                 window: str = DEFAULT_WINDOW, cache: bool = True, precision: str = "fp32",
+                 segment: int | None = DEFAULT_SEGMENT,
+                 window_memory: float | None = None) -> torch.Tensor:
     """Tokens (b, h, w) of the images ``idx`` of the plan."""
     prior = models.prior
     B, (h, w) = len(idx), plan.grid
@@ -207,8 +240,8 @@ def sample_batch(models: Models, plan: Plan, opts: SamplingOptions, idx: list[in
         else:
             cond.null_fixed = prior.null_cond(B, 1)
     init = plan.init.expand(B, h, w) if plan.init is not None else torch.zeros(B, h, w, dtype=torch.long)
-    return sample_window(prior.gpt, cond, init.to(dev), plan.crop, opts, gens, plan.known, window, max_rows,
-                         precision)
+    return sample_window(prior.gpt, cond, init.to(dev), plan.crop, opts, gens, plan.known, window,
+                         segment, precision=precision, memory_mib=window_memory)
 
 
 def _save_png(path: Path, image: torch.Tensor) -> None:
@@ -263,6 +296,8 @@ def run_sample(req: SampleRequest, models: Models | None = None) -> SampleReport
     models = models or load_models(req.prior, req.tokenizer, resolve_device(req.device), req.config, notes)
     opts = _options(req, models)
     plan = plan_sample(req, models, notes)
+    check_window_options(models, plan, min(req.batch_size, len(plan.seeds)), opts.guided, req.window,
+                         req.segment, req.window_memory)
     hashes = checkpoint_hashes(models)
     out = Path(req.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -286,8 +321,8 @@ def run_sample(req: SampleRequest, models: Models | None = None) -> SampleReport
         for start in range(0, len(todo), req.batch_size):
             idx = todo[start:start + req.batch_size]
             t0 = time.perf_counter()
-            tokens = sample_batch(models, plan, opts, idx, req.window, req.cache, req.max_rows,
-                                  req.precision)
+            tokens = sample_batch(models, plan, opts, idx, req.window, req.cache, req.precision,
+                                  req.segment, req.window_memory)
             seconds += time.perf_counter() - t0
             for k, i in enumerate(idx):
                 pixels = decode_grid(models.tokenizer, tokens[k:k + 1], mode=req.decode).image[0].cpu()
@@ -329,11 +364,12 @@ class UpscaleRequest:
     top_k: int | None = None
     top_p: float | None = None
     tokenizer: str | None = None
-    window: str = "blockwise"
-    max_rows: int | None = None
+    window: str = DEFAULT_WINDOW
+    segment: int | None = DEFAULT_SEGMENT
+    window_memory: float | None = None
     precision: str = "fp32"
     decode: str = "auto"
-    device: str = "cpu"
+    device: str = "auto"
     command: str | None = None
 
 
@@ -366,6 +402,7 @@ def plan_upscale(req: UpscaleRequest, models: Models, notes: list[str]) -> Plan:
                      f"{rgb.shape[1] * req.scale}x{rgb.shape[0] * req.scale}")
     big = np.asarray(Image.fromarray(rgb).resize((W * f, H * f), Image.Resampling.BICUBIC))
     cond = cond_grid(prior, image_to_tensor(np.array(big))[None], H, W, degrade=False)
+    _check_raster(prior, (H, W), crop, "--scale")
     seeds = [req.seed + i for i in range(req.n)]
     return Plan(seeds, [None] * req.n, (H, W), crop, cond, None, None)
 
@@ -389,6 +426,7 @@ def run_upscale(req: UpscaleRequest, models: Models | None = None) -> SampleRepo
     except SamplingError as e:
         raise SampleUsageError(str(e)) from None
     plan = plan_upscale(req, models, notes)
+    check_window_options(models, plan, 1, False, req.window, req.segment, req.window_memory)
     hashes = checkpoint_hashes(models)
     out = Path(req.out)
     f = models.tokenizer.factor
@@ -396,7 +434,8 @@ def run_upscale(req: UpscaleRequest, models: Models | None = None) -> SampleRepo
     files, seconds = [], 0.0
     for i in range(req.n):
         t0 = time.perf_counter()
-        tokens = sample_batch(models, plan, opts, [i], req.window, True, req.max_rows, req.precision)
+        tokens = sample_batch(models, plan, opts, [i], req.window, True, req.precision, req.segment,
+                              req.window_memory)
         seconds += time.perf_counter() - t0
         pixels = decode_grid(models.tokenizer, tokens, mode=req.decode).image[0].cpu()
         suffix = out.suffix or ".png"
