@@ -196,7 +196,8 @@ def bench_cache(preset: str, n_tokens: int) -> None:
             def ours(cond: torch.Tensor = cond, gens: list[int] = gens, cached: bool = True) -> object:
                 return sample_sequence(gpt, cond, n_tokens, opts, make_generators(gens), cached=cached)
 
-            with precision_context(gpt, precision):  # interleaved: load drifts hit both alike
+            # both models under the same precision; interleaved, so load drifts hit both alike
+            with precision_context(gpt, precision), precision_context(ref, precision):
                 r1, _ = _timed(ref_run)
                 o1, _ = _timed(ours)
                 p, _ = _timed(lambda: ours(cached=False))  # noqa: B023 - called right here

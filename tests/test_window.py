@@ -138,7 +138,8 @@ def test_exact_and_the_sequential_loop_equal_the_papers_loop(crop, H, W, spatial
     assert torch.equal(sample_sequential(gpt, cond, init, crop, opts, make_generators([1, 2])), want)
     # sample 1 alone draws what it drew in the batch
     alone = sample_window(gpt, Conditioning(grid=kw["cond"][1:]) if spatial else
-                          Conditioning(fixed=kw["fixed"][1:]), init[1:], crop, opts, make_generators([2]))
+                          Conditioning(fixed=kw["fixed"][1:]), init[1:], crop, opts, make_generators([2]),
+                          mode="exact")
     assert torch.equal(alone[0], want[1])
 
 
@@ -325,3 +326,22 @@ def test_bf16_windows_are_deterministic() -> None:
         runs = [sample_window(gpt, cond, init, crop, SamplingOptions(), make_generators([0]), mode=mode,
                               precision="bf16") for _ in range(2)]
         assert torch.equal(runs[0], runs[1]) and int(runs[0].max()) < V
+
+
+def test_bf16_context_casts_weights_once_and_restores_them() -> None:
+    gpt = tiny_gpt((4, 4), 16)
+    before = {k: v.clone() for k, v in gpt.state_dict().items()}
+    idx = torch.randint(0, V, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = gpt(idx)  # autocast casting every weight at every call
+    from vqgan_cli.window import precision_context
+
+    with torch.no_grad(), precision_context(gpt, "bf16"):
+        assert gpt.head.weight.dtype == torch.bfloat16 and gpt.blocks[0].ln1.weight.dtype == torch.float32
+        once = gpt(idx)
+    assert torch.equal(once, plain)
+    after = gpt.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    with pytest.raises(SamplingError, match="--precision must be one of fp32, bf16"):
+        with precision_context(gpt, "fp16"):
+            pass

@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,13 +63,33 @@ DEFAULT_SEGMENT: int | None = None  # None: the widest segment that keeps the co
 PRECISIONS = ("fp32", "bf16")
 
 
-def precision_context(gpt: GPT, precision: str) -> torch.autocast:
-    """bf16 autocast (2-3x faster batched forwards on CPUs with avx512_bf16; tokens then differ
-    from float32's) or plain float32."""
+@contextmanager
+def precision_context(model: torch.nn.Module, precision: str) -> Iterator[None]:
+    """fp32: nothing changes. bf16: autocast, with every Linear weight of ``model`` cast to bf16
+    once for the duration (restored on exit). Sampling runs without gradients, and autocast then
+    re-casts each weight at every call (its cast cache only serves tensors that record
+    gradients); casting once gives the same numbers without that cost. bf16 is 2-3x faster on
+    CPUs with avx512_bf16; its tokens differ from float32's."""
     if precision not in PRECISIONS:
         raise SamplingError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    dev = gpt.head.weight.device.type
-    return torch.autocast(dev, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if precision == "fp32":
+        yield
+        return
+    dev = next(model.parameters()).device.type
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    saved = [(m.weight.data, None if m.bias is None else m.bias.data) for m in linears]
+    try:
+        for m in linears:
+            m.weight.data = m.weight.data.to(torch.bfloat16)
+            if m.bias is not None:
+                m.bias.data = m.bias.data.to(torch.bfloat16)
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            yield
+    finally:
+        for m, (w, b) in zip(linears, saved, strict=True):
+            m.weight.data = w
+            if b is not None:
+                m.bias.data = b
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,8 +393,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     k, v = k.to(q.dtype), v.to(q.dtype)
     if q.shape[2] > 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    # keys on the left, so that the (sliced) cache is read in place rather than transposed
-    att = (k @ q.transpose(-2, -1)).transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1]))  # (N, nh, 1, L)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (N, nh, 1, L)
     if mask is not None:
         att = att.masked_fill(~mask, float("-inf"))
     return att.softmax(-1) @ v
@@ -391,8 +412,9 @@ def forward_rows(gpt: GPT, idx: torch.Tensor, start: torch.Tensor, last: int | t
     dev = idx.device
     pos = start[:, None] + torch.arange(T, device=dev)  # (N, T)
     x = gpt.tok_emb(idx) + gpt.pos_emb[0, pos.clamp(max=gpt.block_size - 1)]  # (N, T, C)
-    end = min(int(pos.max()) + 1, P - 1)
-    allowed = torch.arange(end, device=dev)[None, None, :] <= pos[:, :, None]  # (N, T, end)
+    # whole (contiguous) cache rows: a slice of them would be copied by every matmul; the mask
+    # hides the positions not yet written, and the scratch slot (queries sit below P - 1)
+    allowed = torch.arange(P, device=dev)[None, None, :] <= pos[:, :, None]  # (N, T, P)
     rows = torch.arange(N, device=dev)
     at = sel if sel is not None else rows
     last = torch.as_tensor(last, device=dev).expand(N)
@@ -404,10 +426,7 @@ def forward_rows(gpt: GPT, idx: torch.Tensor, start: torch.Tensor, last: int | t
         layer = kv[n]
         layer.k[at[:, None], :, write] = k.transpose(1, 2).to(layer.k.dtype)
         layer.v[at[:, None], :, write] = v.transpose(1, 2).to(layer.v.dtype)
-        if sel is None:  # views, no copy
-            ks, vs = layer.k[:, :, :end], layer.v[:, :, :end]  # (N, nh, end, hs)
-        else:
-            ks, vs = layer.k[sel, :, :end], layer.v[sel, :, :end]
+        ks, vs = (layer.k, layer.v) if sel is None else (layer.k[sel], layer.v[sel])  # (N, nh, P, hs)
         if n + 1 < len(gpt.blocks):
             q = a._heads(a.query(h))
             y = _attend(q, ks, vs, allowed[:, None])
