@@ -256,6 +256,17 @@ def test_config_not_found_and_config_for_our_file(tmp_path):
     assert code == 2 and "carry their own config; drop --config" in " ".join(out.split())
 
 
+def test_upscale_names_models_the_same_way(tmp_path):
+    """upscale goes through the same resolver: --config is read (and checked) there too."""
+    run, _, _ = release(tmp_path, "ffhq", older_yaml=False)
+    low = tmp_path / "low.png"
+    Image.new("RGB", (8, 8), (90, 120, 200)).save(low)
+    code, out = cli("upscale", "--prior", str(run), "--config", str(tmp_path / "nope.yaml"), str(low))
+    assert code == 2 and "nope.yaml: config file not found (--config)" in " ".join(out.split())
+    code, out = cli("upscale", "--prior", str(run), str(low), "--out", str(tmp_path / "up.png"))
+    assert code == 2 and "is not a super-resolution prior" in " ".join(out.split())
+
+
 # ---- 3. every conditioning kind ------------------------------------------------------------------
 
 def _run_case(tmp_path: Path, name: str, extra: list[str], cond_input, cls=None):

@@ -462,6 +462,8 @@ def upscale_cmd(
         help="keep the smallest set with this much probability")] = None,
     tokenizer: Annotated[str | None, typer.Option(
         help="image tokenizer (default: the one the prior records)")] = None,
+    config: Annotated[str | None, typer.Option(
+        help="the YAML of an official .ckpt kept outside its run folder")] = None,
     window: Annotated[str, typer.Option(help=WINDOW_HELP)] = DEFAULT_WINDOW,
     segment: Annotated[int | None, typer.Option(help=SEGMENT_HELP)] = None,
     window_memory: Annotated[float | None, typer.Option(help=MEMORY_HELP)] = None,
@@ -477,9 +479,9 @@ def upscale_cmd(
     def go() -> None:
         r = run_upscale(UpscaleRequest(
             prior=prior, image=str(image), scale=scale, out=str(out), n=n, seed=seed,
-            temperature=temperature, top_k=top_k, top_p=top_p, tokenizer=tokenizer, window=window,
-            segment=segment, window_memory=window_memory, precision=precision, decode=decode, device=device,
-            command=shlex.join(["vqgan", *sys.argv[1:]]) if "upscale" in sys.argv else None))
+            temperature=temperature, top_k=top_k, top_p=top_p, tokenizer=tokenizer, config=config,
+            window=window, segment=segment, window_memory=window_memory, precision=precision, decode=decode,
+            device=device, command=shlex.join(["vqgan", *sys.argv[1:]]) if "upscale" in sys.argv else None))
         _sample_summary(f"upscaled {image}", r)
 
     _sample_guarded(go)

@@ -364,6 +364,7 @@ class UpscaleRequest:
     top_k: int | None = None
     top_p: float | None = None
     tokenizer: str | None = None
+    config: str | None = None  # the official model's YAML (--config); else found in its run folder
     window: str = DEFAULT_WINDOW
     segment: int | None = DEFAULT_SEGMENT
     window_memory: float | None = None
@@ -418,7 +419,7 @@ def run_upscale(req: UpscaleRequest, models: Models | None = None) -> SampleRepo
     if req.precision not in PRECISIONS:
         raise SampleUsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {req.precision!r}")
     notes: list[str] = []
-    models = models or load_models(req.prior, req.tokenizer, resolve_device(req.device))
+    models = models or load_models(req.prior, req.tokenizer, resolve_device(req.device), req.config, notes)
     n_img = vocab_of(models.tokenizer)
     opts = SamplingOptions(req.temperature, req.top_k, req.top_p, n_tokens=n_img)
     try:
