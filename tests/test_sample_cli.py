@@ -199,7 +199,7 @@ def test_fast_window_and_defaults_reach_the_sidecar(ckpts, tmp_path) -> None:
     code, out = sample("--prior", str(ckpts["sos"]), "--size", "16x12", "--n", "1",
                        "--out", str(tmp_path / "d"))
     assert code == 0, out
-    assert json.loads((tmp_path / "d" / "0000_seed0.json").read_text())["settings"]["window"] == "fast"
+    assert json.loads((tmp_path / "d" / "0000_seed0.json").read_text())["settings"]["window"] == "exact"  # the default
     assert png_pixels(tmp_path / "e" / "0000_seed0.png") != png_pixels(tmp_path / "f" / "0000_seed0.png")
 
 
