@@ -44,6 +44,14 @@ def _write(out: Path, payload: dict[str, Any], rows: list[dict[str, Any]] | None
             w.writerows(rows)
 
 
+def _report(out: Path, title: str, res: Any, rows: list[dict[str, Any]] | None = None) -> None:
+    """metrics.json (and per_image.csv), the summary table, and where the files went."""
+    _write(out, res.to_json(), rows)
+    _table(title, res.metrics, res.notes, getattr(res, "skipped", []))
+    wrote = f"{out / 'metrics.json'}" + (f" and {out / 'per_image.csv'}" if rows else "")
+    console.print(f"wrote {wrote}", soft_wrap=True)
+
+
 def _table(title: str, metrics: dict[str, float], notes: list[str], skipped: list[str]) -> None:
     from rich.table import Table
 
@@ -114,9 +122,7 @@ def tokenizer_cmd(
         res = evaluate_tokenizer(model, data, size, limit, batch_size, dev, _precision(precision, dev),
                                  perceptual, inc, progress=True, root=root)
         res.settings.update(tokenizer=tokenizer, lpips=lpips if perceptual is not None else None)
-        _write(out, res.to_json(), res.per_image)
-        _table(f"tokenizer {Path(tokenizer).name} on {data}", res.metrics, res.notes, res.skipped)
-        console.print(f"wrote {out / 'metrics.json'} and {out / 'per_image.csv'}", soft_wrap=True)
+        _report(out, f"tokenizer {Path(tokenizer).name} on {data}", res, res.per_image)
 
     _guard(go)
 
@@ -153,9 +159,7 @@ def samples_cmd(
         res = evaluate_samples(samples, reference, inc, size=size, limit=limit, batch_size=batch_size,
                                kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                                is_splits=is_splits, save_stats_to=save_stats, progress=True)
-        _write(out, res.to_json())
-        _table(f"samples {samples} vs {reference}", res.metrics, res.notes, res.skipped)
-        console.print(f"wrote {out / 'metrics.json'}", soft_wrap=True)
+        _report(out, f"samples {samples} vs {reference}", res)
 
     _guard(go)
 
@@ -193,8 +197,6 @@ def prior_cmd(
                              device=resolve_device(device), crop=c,
                              val_fraction=val_fraction, progress=True)
         res.settings.update(prior=prior)
-        _write(out, res.to_json())
-        _table(f"prior {Path(prior).name} on {shards}", res.metrics, res.notes, [])
-        console.print(f"wrote {out / 'metrics.json'}", soft_wrap=True)
+        _report(out, f"prior {Path(prior).name} on {shards}", res)
 
     _guard(go)
