@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from vqgan_cli.config import load_recipe
 from vqgan_cli.models.gpt import GPTConfig, param_groups
-from vqgan_cli.prior import CondConfig, Prior, PriorConfig
+from vqgan_cli.models.prior import CondConfig, Prior, PriorConfig
 from vqgan_cli.train.prior import PriorRecipe
 
 HERE = Path(__file__).resolve().parent

@@ -45,8 +45,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from vqgan_cli.models.gpt import GPT, GPTConfig
-from vqgan_cli.sampling import SamplingOptions, filter_logits, make_generators, sample_sequence
-from vqgan_cli.window import (
+from vqgan_cli.sample.tokens import SamplingOptions, filter_logits, make_generators, sample_sequence
+from vqgan_cli.sample.window import (
     Conditioning,
     max_rows,
     max_segment,

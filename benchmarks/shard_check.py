@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqgan_cli.data.shards import MANIFEST, MANIFEST_FORMAT, ShardWriter, TokenSample, TokenShardDataset, shard_name
+from vqgan_cli.shards.format import MANIFEST, MANIFEST_FORMAT, ShardWriter, TokenSample, TokenShardDataset, shard_name
 
 
 def write_synthetic(root: Path, n_shards: int, samples: int, grid: int = 32) -> Path:

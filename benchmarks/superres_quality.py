@@ -11,7 +11,7 @@ shrunk --scale times (PIL bicubic, which antialiases: what a user's small photo 
 then brought back to --size three ways: bicubic upsampling, `vqgan upscale` (the library call the
 command makes, so the same code runs), and, as the bound the prior cannot beat, the tokenizer's
 own reconstruction of the real render. Each is scored against the real render: PSNR (dB) and the
-label agreement of its token cells with the scene's map (vqgan_cli.map_agreement). Seconds are
+label agreement of its token cells with the scene's map (vqgan_cli.evaluate.map_agreement). Seconds are
 per upscaled image.
 """
 
@@ -31,8 +31,8 @@ from PIL import Image
 from vqgan_cli.data.dataset import VAL_SEED_BASE
 from vqgan_cli.data.landscapes import render_landscape
 from vqgan_cli.data.transforms import image_to_tensor, tensor_to_image
-from vqgan_cli.generate import UpscaleRequest, load_models, run_upscale
-from vqgan_cli.map_agreement import fit_cell_classifier, label_agreement
+from vqgan_cli.sample.run import UpscaleRequest, load_models, run_upscale
+from vqgan_cli.evaluate.map_agreement import fit_cell_classifier, label_agreement
 from vqgan_cli.metrics import psnr
 
 

@@ -39,12 +39,12 @@ from pathlib import Path
 
 import torch
 
-import vqgan_cli.perceptual as perceptual
+import vqgan_cli.models.lpips as perceptual
 from vqgan_cli.config import load_recipe
-from vqgan_cli.losses import LossConfig, TokenizerLoss
+from vqgan_cli.train.losses import LossConfig, TokenizerLoss
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.train import runtime as R
+from vqgan_cli import runtime as R
 from vqgan_cli.train.loop import accumulate_logs as _accumulate
 from vqgan_cli.train.loop import learning_rate
 from vqgan_cli.train.loop import optimizer_step as _optimizer_step
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     if args.threads:
         torch.set_num_threads(args.threads)
-    logging.getLogger("vqgan_cli.perceptual").setLevel(logging.ERROR)  # the random-trunk warning: said below
+    logging.getLogger("vqgan_cli.models.lpips").setLevel(logging.ERROR)  # the random-trunk warning: said below
     torch._logging.set_logs(dynamo=logging.ERROR)  # graph-break warnings: counted and summarised instead
     batch = args.batch if args.batch is not None else (2 if args.quick else None)
 
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({args.compile_warmup} for torch.compile); variants interleaved round by round")
     print("a step = autoencoder + discriminator update, L1 + LPIPS + VQ + adaptive-weight GAN loss; "
           "synthetic batch, no data loading")
-    print("LPIPS: RANDOM VGG16 trunk (vqgan_cli.perceptual.build_lpips('random')): same cost as the "
+    print("LPIPS: RANDOM VGG16 trunk (vqgan_cli.models.lpips.build_lpips('random')): same cost as the "
           "real one, its values mean nothing")
     if args.quick:
         print("--quick: batch 2, no torch.compile: a smoke run, not a measurement")

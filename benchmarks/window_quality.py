@@ -12,7 +12,7 @@ each held-out map ``builtin:landscapes:SEED`` is sampled at ``--size`` exactly a
 one image per call, the sampling seed = the map's seed), and the decoded PNG is measured against
 the scene the map was rendered with:
 
-- agreement: share of f x f cells whose class (``vqgan_cli.map_agreement``: a classifier fitted
+- agreement: share of f x f cells whose class (``vqgan_cli.evaluate.map_agreement``: a classifier fitted
   on training scenes) equals the map's label at the cell centre;
 - band: the largest amplitude of the row profile over periods from f*ch/2 - f to f*ch + f pixels
   (the window's vertical steps; ch = the prior's crop height in tokens), over the real render's;
@@ -44,13 +44,13 @@ from PIL import Image
 
 from vqgan_cli.data.landscapes import render_landscape
 from vqgan_cli.data.transforms import image_to_tensor
-from vqgan_cli.decode_tiles import decode_grid
-from vqgan_cli.generate import SampleRequest, run_sample
+from vqgan_cli.sample.decode import decode_grid
+from vqgan_cli.sample.run import SampleRequest, run_sample
 from vqgan_cli.images import to_uint8
-from vqgan_cli.map_agreement import CellClassifier, fit_cell_classifier, label_agreement
+from vqgan_cli.evaluate.map_agreement import CellClassifier, fit_cell_classifier, label_agreement
 from vqgan_cli.metrics import band_score, period_amplitude, seam_ratio
-from vqgan_cli.sample_inputs import crop_grid, load_models
-from vqgan_cli.train.runtime import resolve_device
+from vqgan_cli.sample.inputs import crop_grid, load_models
+from vqgan_cli.runtime import resolve_device
 
 COLUMNS = ("agreement", "band", "token", "seam", "s/img")
 HEADERS = ("agreement", "band / real", "token / real", "seam", "s/img")

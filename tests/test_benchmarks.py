@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vqgan_cli.losses import LossConfig, TokenizerLoss
+from vqgan_cli.train.losses import LossConfig, TokenizerLoss
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
 
@@ -66,7 +66,7 @@ def test_reference_network_reconstructs_like_ours(bench, beta_form):
 
 def test_reference_losses_match_ours(bench):
     """Generator total (L1 + LPIPS + adaptive-weight GAN + VQ) and hinge D loss, same weights, fp32."""
-    from vqgan_cli.perceptual import build_lpips
+    from vqgan_cli.models.lpips import build_lpips
 
     torch.manual_seed(0)
     cfg = _tiny()
@@ -170,7 +170,7 @@ def test_reference_cached_model_computes_our_logits(sampling_bench):
 
 def test_reference_sampler_and_ours_draw_the_same_greedy_tokens(sampling_bench):
     from vqgan_cli.models.gpt import GPT, GPTConfig
-    from vqgan_cli.sampling import SamplingOptions, make_generators, sample_sequence
+    from vqgan_cli.sample.tokens import SamplingOptions, make_generators, sample_sequence
 
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(vocab_size=30, block_size=40, n_layer=2, n_head=2, n_embd=32)).eval()

@@ -15,8 +15,8 @@ diffusers = pytest.importorskip("diffusers")
 
 from vqgan_cli import load_tokenizer  # noqa: E402
 from vqgan_cli.cli import app  # noqa: E402
-from vqgan_cli.diffusers_interop import DiffusersError, export_diffusers  # noqa: E402
-from vqgan_cli.loading import save_tokenizer  # noqa: E402
+from vqgan_cli.checkpoints.diffusers import DiffusersError, export_diffusers  # noqa: E402
+from vqgan_cli.checkpoints.load import save_tokenizer  # noqa: E402
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig  # noqa: E402
 from vqgan_cli.models.vqgan import VQGAN  # noqa: E402
 

@@ -175,7 +175,7 @@ def test_samples_bad_inputs(inception, tmp_path):
 
 def test_label_agreement_of_samples_from_builtin_maps(inception, tmp_path):
     from vqgan_cli.data.landscapes import render_landscape
-    from vqgan_cli.map_agreement import fit_cell_classifier, label_agreement
+    from vqgan_cli.evaluate.map_agreement import fit_cell_classifier, label_agreement
 
     clf = fit_cell_classifier(range(3), [(64, 64)], factor=8, steps=50)
     folder = tmp_path / "s"
@@ -199,7 +199,7 @@ def test_tokenizer_cli_psnr_and_usage_match_the_reconstructions(weights, tmp_pat
 
     from vqgan_cli.data.dataset import VAL_SEED_BASE
     from vqgan_cli.data.transforms import image_to_tensor
-    from vqgan_cli.loading import load_tokenizer, save_tokenizer
+    from vqgan_cli.checkpoints.load import load_tokenizer, save_tokenizer
 
     ckpt = save_tokenizer(tmp_path / "tok.safetensors", tiny_model())
     out = tmp_path / "ev"
@@ -243,7 +243,7 @@ def test_training_validation_is_the_evaluate_implementation():
 
 
 def _own_cross_entropy(prior, shards: Path, tile: int | None):
-    from vqgan_cli.data.shards import read_manifest, read_shard
+    from vqgan_cli.shards.format import read_manifest, read_shard
 
     nll, n, counts = 0.0, 0, {}
     for path in read_manifest(shards).shard_paths():

@@ -28,10 +28,10 @@ from test_train_prior import make_shards
 from test_train_tokenizer import TINY as TOKENIZER_TINY
 from typer.testing import CliRunner
 
-from vqgan_cli.checkpoints import read_weights
+from vqgan_cli.checkpoints.format import read_weights
 from vqgan_cli.cli import _without_worker_traceback, app
-from vqgan_cli.data.shards import MANIFEST, ShardError, TokenShardDataset, shard_name
-from vqgan_cli.loading import save_tokenizer
+from vqgan_cli.shards.format import MANIFEST, ShardError, TokenShardDataset, shard_name
+from vqgan_cli.checkpoints.load import save_tokenizer
 
 runner = CliRunner()
 
@@ -385,12 +385,12 @@ def test_shard_check_benchmark_runs(tmp_path):
 @pytest.fixture(scope="module")
 def sos_prior(tmp_path_factory) -> Path:
     """A tiny unconditional prior (4x4 tokens) over a tiny f2 tokenizer, random weights."""
-    from vqgan_cli.checkpoints import weights_sha256
-    from vqgan_cli.loading import save_prior
+    from vqgan_cli.checkpoints.format import weights_sha256
+    from vqgan_cli.checkpoints.load import save_prior
     from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
     from vqgan_cli.models.gpt import GPTConfig
     from vqgan_cli.models.vqgan import VQGAN
-    from vqgan_cli.prior import CondConfig, Prior, PriorConfig
+    from vqgan_cli.models.prior import CondConfig, Prior, PriorConfig
 
     d = tmp_path_factory.mktemp("sampler")
     torch.manual_seed(0)
@@ -407,7 +407,7 @@ def sos_prior(tmp_path_factory) -> Path:
 
 
 def sample_args(prior: Path, out: Path, *extra: str) -> list[str]:
-    from vqgan_cli.window import WINDOW_MODES  # the grid is the crop: no window runs, any mode will do
+    from vqgan_cli.sample.window import WINDOW_MODES  # the grid is the crop: no window runs, any mode will do
 
     return ["sample", "--prior", str(prior), "--n", "6", "--batch-size", "2", "--top-k", "8", "--grid",
             "--window", WINDOW_MODES[0], "--out", str(out), *extra]
@@ -433,7 +433,7 @@ def test_interrupted_sampling_keeps_finished_images_and_skip_existing_completes_
 
     import signal
 
-    import vqgan_cli.generate as G
+    import vqgan_cli.sample.run as G
 
     real, calls = G.decode_grid, []
 

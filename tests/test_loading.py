@@ -17,10 +17,10 @@ from test_official import (
     write_yaml,
 )
 
-from vqgan_cli.checkpoints import CheckpointError, read_weights, weights_sha256
+from vqgan_cli.checkpoints.format import CheckpointError, read_weights, weights_sha256
 from vqgan_cli.config import to_dict
-from vqgan_cli.loading import convert_checkpoint, load_prior, load_tokenizer, save_prior, save_tokenizer
-from vqgan_cli.official_tokenizer import install_remap
+from vqgan_cli.checkpoints.load import convert_checkpoint, load_prior, load_tokenizer, save_prior, save_tokenizer
+from vqgan_cli.checkpoints.official.tokenizer import install_remap
 
 
 def test_public_api_is_reexported():
@@ -64,7 +64,7 @@ def test_our_prior_round_trip(tmp_path, cond, permuter):
 def test_stored_order_round_trips(tmp_path):
     from test_official import GRID
 
-    from vqgan_cli.prior import Prior, StoredOrder
+    from vqgan_cli.models.prior import Prior, StoredOrder
 
     src, first, _, _ = make_prior_case("sos")
     order = torch.randperm(GRID * GRID, generator=torch.Generator().manual_seed(3))
@@ -146,7 +146,7 @@ def test_loaders_refuse_the_wrong_kind_of_file(tmp_path):
 
 def test_tampered_safetensors_names_file_and_key(tmp_path):
     src = make_tokenizer(KINDS["vq"]())
-    from vqgan_cli.checkpoints import save_weights
+    from vqgan_cli.checkpoints.format import save_weights
 
     state = dict(src.state_dict())
     state["quant_conv.bias"] = torch.zeros(3)

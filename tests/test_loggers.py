@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vqgan_cli.config import ConfigError, apply_overrides, from_dict
-from vqgan_cli.curves import curve_panels, write_curves
+from vqgan_cli.train.curves import curve_panels, write_curves
 from vqgan_cli.train.tokenizer import TokenizerRecipe, train_tokenizer
 
 pytest.importorskip("tensorboard")
@@ -44,7 +44,7 @@ def _events(run: Path):
 
 
 def test_tensorboard_scalars_equal_metrics_jsonl_across_a_crash_and_resume(tmp_path, monkeypatch):
-    from vqgan_cli import losses
+    from vqgan_cli.train import losses
 
     original = losses.TokenizerLoss.generator_loss
 
@@ -133,7 +133,7 @@ def test_prior_run_logs_scalars_and_sample_grids_to_tensorboard(tmp_path):
     from test_train_prior import tiny_recipe as prior_recipe
 
     from vqgan_cli.images import to_uint8
-    from vqgan_cli.loading import save_tokenizer
+    from vqgan_cli.checkpoints.load import save_tokenizer
     from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
     from vqgan_cli.models.vqgan import VQGAN
     from vqgan_cli.train.prior import train_prior

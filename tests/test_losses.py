@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqgan_cli.config import ConfigError, from_dict
-from vqgan_cli.losses import LossConfig, TokenizerLoss, adaptive_weight
-from vqgan_cli.perceptual import (
+from vqgan_cli.train.losses import LossConfig, TokenizerLoss, adaptive_weight
+from vqgan_cli.models.lpips import (
     VGG16_FILE,
     PerceptualWeightsInvalid,
     PerceptualWeightsMissing,
@@ -275,7 +275,7 @@ def test_random_lpips_zero_for_identical_positive_otherwise(random_lpips, monkey
 
 
 def test_image_loss_adds_weighted_lpips(monkeypatch, random_lpips):
-    import vqgan_cli.perceptual as perceptual
+    import vqgan_cli.models.lpips as perceptual
 
     monkeypatch.setattr(perceptual, "build_lpips", lambda backbone: random_lpips)
     loss = TokenizerLoss(_cfg(perceptual_weight=0.5, lpips_backbone="random", disc_start=10), "image", 3)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vqgan_cli.checkpoints import CheckpointError
-from vqgan_cli.safe_pickle import ForeignObject, UnsafeCheckpointError, load_official_checkpoint, safe_load
+from vqgan_cli.checkpoints.format import CheckpointError
+from vqgan_cli.checkpoints.official.unpickler import ForeignObject, UnsafeCheckpointError, load_official_checkpoint, safe_load
 
 
 class _Reduces:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vqgan_cli.models.gpt import GPT, GPTConfig
-from vqgan_cli.sampling import (
+from vqgan_cli.sample.tokens import (
     SamplingError,
     SamplingOptions,
     filter_logits,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vqgan_cli.data.shards import (
+from vqgan_cli.shards.format import (
     MANIFEST,
     MANIFEST_FORMAT,
     MANIFEST_VERSION,

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from vqgan_cli.checkpoints import load_state, read_weights
+from vqgan_cli.checkpoints.format import load_state, read_weights
 from vqgan_cli.config import ConfigError, apply_overrides, from_dict
-from vqgan_cli.data.shards import MANIFEST, MANIFEST_FORMAT, ShardWriter, TokenSample, shard_name, token_dtype
-from vqgan_cli.loading import load_prior
+from vqgan_cli.shards.format import MANIFEST, MANIFEST_FORMAT, ShardWriter, TokenSample, shard_name, token_dtype
+from vqgan_cli.checkpoints.load import load_prior
 from vqgan_cli.models.gpt import GPTConfig
-from vqgan_cli.prior import CondConfig, Prior, PriorConfig
+from vqgan_cli.models.prior import CondConfig, Prior, PriorConfig
 from vqgan_cli.train.loop import scheduled_lr
 from vqgan_cli.train.prior import PriorRecipe, train_prior
 from vqgan_cli.train.prior_data import build_split, collate_tokens, cond_input, is_held_out, resolve_data
@@ -298,7 +298,7 @@ def test_bad_input_is_refused_before_training(tmp_path):
 
 
 def test_samples_contradicting_the_manifest_stop_the_run(tmp_path):
-    from vqgan_cli.data.shards import ShardError
+    from vqgan_cli.shards.format import ShardError
 
     root = make_shards(tmp_path / "s", n_embed=64)
     manifest = json.loads((root / MANIFEST).read_text())
@@ -309,7 +309,7 @@ def test_samples_contradicting_the_manifest_stop_the_run(tmp_path):
 
 
 def test_tokenizer_named_by_the_recipe_must_have_made_the_shards(tmp_path):
-    from vqgan_cli.loading import save_tokenizer
+    from vqgan_cli.checkpoints.load import save_tokenizer
     from vqgan_cli.models.config import TokenizerConfig
     from vqgan_cli.models.vqgan import VQGAN
 
@@ -322,8 +322,8 @@ def test_tokenizer_named_by_the_recipe_must_have_made_the_shards(tmp_path):
 
 
 def test_spatial_prior_embeds_the_conditioning_tokenizer(tmp_path):
-    from vqgan_cli.checkpoints import weights_sha256
-    from vqgan_cli.loading import save_tokenizer
+    from vqgan_cli.checkpoints.format import weights_sha256
+    from vqgan_cli.checkpoints.load import save_tokenizer
     from vqgan_cli.models.config import TokenizerConfig
     from vqgan_cli.models.vqgan import VQGAN
 

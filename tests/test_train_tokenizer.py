@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vqgan_cli.checkpoints import load_state, read_weights
+from vqgan_cli.checkpoints.format import load_state, read_weights
 from vqgan_cli.config import apply_overrides, from_dict
 from vqgan_cli.train.loop import TrainingError
 from vqgan_cli.train.tokenizer import TokenizerRecipe, train_tokenizer
@@ -92,7 +92,7 @@ def test_resume_refuses_a_different_recipe(tmp_path):
 
 
 def test_discriminator_untouched_before_disc_start(tmp_path):
-    from vqgan_cli.losses import TokenizerLoss
+    from vqgan_cli.train.losses import TokenizerLoss
 
     recipe = tiny_recipe(tmp_path / "r", "loss.disc_start=100", "train.max_steps=3", "train.ckpt_every=3")
     train_tokenizer(recipe, "tiny")
@@ -110,7 +110,7 @@ def test_discriminator_untouched_before_disc_start(tmp_path):
 
 
 def test_nonfinite_losses_skip_then_stop_with_checkpoint_intact(tmp_path, monkeypatch):
-    from vqgan_cli import losses
+    from vqgan_cli.train import losses
 
     original = losses.TokenizerLoss.generator_loss
 
@@ -131,7 +131,7 @@ def test_nonfinite_losses_skip_then_stop_with_checkpoint_intact(tmp_path, monkey
 
 
 def test_sigint_saves_and_resumes(tmp_path, monkeypatch):
-    from vqgan_cli import losses
+    from vqgan_cli.train import losses
 
     original = losses.TokenizerLoss.generator_loss
 
@@ -203,7 +203,7 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
-    from vqgan_cli.checkpoints import atomic_write
+    from vqgan_cli.checkpoints.format import atomic_write
 
     target = tmp_path / "ckpt.bin"
     target.write_bytes(b"good")

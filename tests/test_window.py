@@ -1,7 +1,7 @@
 """Sliding-window sampling against oracles written here from PAPER.md's rule (tiny GPT, CPU fp32).
 
 The oracles are plain double loops over the grid: one full forward of the whole window per token,
-with the window offsets computed in this file (not with vqgan_cli.window's helpers), and the
+with the window offsets computed in this file (not with vqgan_cli.sample.window's helpers), and the
 token drawn from the position's own uniform number (sample seed's generator, raster order).
 """
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from vqgan_cli.models.gpt import GPT, GPTConfig, LayerKV
-from vqgan_cli.sampling import SamplingError, SamplingOptions, draw_tokens, make_generators, sample_sequence
-from vqgan_cli.window import (
+from vqgan_cli.sample.tokens import SamplingError, SamplingOptions, draw_tokens, make_generators, sample_sequence
+from vqgan_cli.sample.window import (
     Conditioning,
     forward_last,
     forward_rows,
@@ -334,7 +334,7 @@ def test_bf16_context_casts_weights_once_and_restores_them() -> None:
     idx = torch.randint(0, V, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         plain = gpt(idx)  # autocast casting every weight at every call
-    from vqgan_cli.window import precision_context
+    from vqgan_cli.sample.window import precision_context
 
     with torch.no_grad(), precision_context(gpt, "bf16"):
         assert gpt.head.weight.dtype == torch.bfloat16 and gpt.blocks[0].ln1.weight.dtype == torch.float32

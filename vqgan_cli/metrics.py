@@ -8,7 +8,7 @@ The band and seam detectors measure what a sliding window leaves in a sample's r
 that moves down the image in steps of P pixels can leave a pattern that repeats every P rows.
 They take displayed images (uint8 (H, W, 3), or a (3, H, W) tensor in [-1, 1]) and work on
 luminance Y = 0.299 R + 0.587 G + 0.114 B in grey levels (0..255). Whether a sample follows its
-conditioning map is measured in :mod:`vqgan_cli.map_agreement`.
+conditioning map is measured in :mod:`vqgan_cli.evaluate.map_agreement`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """encode-dataset: token shards on disk connect stage one (tokenizer) to stage two (prior).
 
 ``encode_dataset(EncodeOptions(...))`` writes webdataset tar shards and ``manifest.json``
-(format: :mod:`vqgan_cli.data.shards`, which also holds the stage-two reader);
+(format: :mod:`vqgan_cli.shards.format`, which also holds the stage-two reader);
 ``verify_shards(folder)`` checks every shard against the manifest.
 
 Modules: ``inputs`` (items, maps, labels, per-item preparation), ``loader`` (batches for the

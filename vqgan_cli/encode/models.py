@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vqgan_cli.checkpoints import weights_sha256
+from vqgan_cli.checkpoints.format import weights_sha256
 from vqgan_cli.config import to_dict
 from vqgan_cli.data.maps import one_hot
-from vqgan_cli.data.shards import token_dtype
+from vqgan_cli.shards.format import token_dtype
 from vqgan_cli.encode.inputs import EncodeUsageError, builtin_classes, to_model_range
 from vqgan_cli.models.vqgan import VQGAN
 
@@ -32,7 +32,7 @@ def vocab_of(model: VQGAN) -> int:
 def load_for_encoding(path: str, config: str | None = None) -> tuple[VQGAN, dict]:
     """(model, manifest description with the weights hash) of a tokenizer checkpoint or run
     folder; ``config``: an official file's YAML kept elsewhere (``--config``)."""
-    from vqgan_cli.loading import load_tokenizer
+    from vqgan_cli.checkpoints.load import load_tokenizer
 
     model = load_tokenizer(path, config)
     info = {"path": str(path), "weights_sha256": weights_sha256(model.state_dict()),

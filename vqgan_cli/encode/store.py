@@ -24,8 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from vqgan_cli.checkpoints import atomic_write
-from vqgan_cli.data.shards import (
+from vqgan_cli.checkpoints.format import atomic_write
+from vqgan_cli.shards.format import (
     MANIFEST,
     MANIFEST_FORMAT,
     MANIFEST_VERSION,

@@ -49,7 +49,7 @@ def evaluate_prior(prior, shards: str | Path, *, limit: int | None = None, batch
     the grid of non-overlapping crops of that size covering them from the top left, each crop read
     as the prior was trained (its own conditioning crop); the rest of the grid is not scored.
     """
-    from vqgan_cli.data.shards import TokenShardDataset
+    from vqgan_cli.shards.format import TokenShardDataset
     from vqgan_cli.train.prior_data import collate_tokens, cond_input
 
     dev = torch.device(device)
@@ -63,7 +63,7 @@ def evaluate_prior(prior, shards: str | Path, *, limit: int | None = None, batch
         ds.vocab_size = ds_all.vocab_size
     vocab = prior.config.gpt.vocab_size
     if ds.vocab_size > vocab:
-        from vqgan_cli.data.shards import ShardError
+        from vqgan_cli.shards.format import ShardError
 
         raise ShardError(f"{shards}: tokens of a codebook of {ds.vocab_size} but the prior reads {vocab}")
     crop = tuple(crop) if crop is not None else (tuple(prior.config.grid) if prior.config.grid else None)
@@ -100,7 +100,7 @@ def evaluate_prior(prior, shards: str | Path, *, limit: int | None = None, batch
             n_tiles += z.shape[0]
         samples += z_all.shape[0]
     if n_tok == 0:
-        from vqgan_cli.data.shards import ShardError
+        from vqgan_cli.shards.format import ShardError
 
         raise ShardError(f"{shards}: no token samples to score")
     nll = total_nll / n_tok

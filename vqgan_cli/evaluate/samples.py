@@ -195,7 +195,7 @@ def builtin_agreement(folder: str | Path, names: list[str], classifier=None) -> 
     """Mean label agreement of the samples whose sidecar's ``cond`` is ``builtin:landscapes[:SEED]``
     with that map (rendered at the sample's size), and how many samples it covers."""
     from vqgan_cli.data.landscapes import render_landscape
-    from vqgan_cli.map_agreement import fit_cell_classifier, label_agreement
+    from vqgan_cli.evaluate.map_agreement import fit_cell_classifier, label_agreement
 
     vals = []
     for name in names:

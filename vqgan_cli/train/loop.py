@@ -15,8 +15,8 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from vqgan_cli.config import ConfigError
-from vqgan_cli.train import runtime as R
-from vqgan_cli.train.runtime import Runtime
+from vqgan_cli import runtime as R
+from vqgan_cli.runtime import Runtime
 
 # Recipe keys that may change between a run and its resumption without changing the result
 # up to the point where the earlier run stopped.
@@ -223,7 +223,7 @@ def due(step: int, every: int, last: int) -> bool:
 def report_end(title: str, run_dir: Path, step: int, start_step: int, seconds: float, nonfinite: int,
                stopped: int | None, rows: dict[str, Any], val: dict[str, Any]) -> None:
     """The closing lines of a run (main process only): a signal notice, then the summary table."""
-    from vqgan_cli.train.reporting import console, summary_table
+    from vqgan_cli.console import console, summary_table
 
     if stopped is not None:
         console.print(f"[yellow]stopped by signal at step {step}[/]: checkpoint saved; run the "

@@ -20,11 +20,11 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from vqgan_cli.config import ConfigError, spec, to_dict
-from vqgan_cli.loading import save_prior
+from vqgan_cli.checkpoints.load import save_prior
 from vqgan_cli.models.gpt import GPTConfig, param_groups
 from vqgan_cli.models.permuter import PERMUTERS
-from vqgan_cli.prior import Prior, PriorConfig
-from vqgan_cli.train import runtime as R
+from vqgan_cli.models.prior import Prior, PriorConfig
+from vqgan_cli import runtime as R
 from vqgan_cli.train.checkpointing import CheckpointManager, checkpoint_size
 from vqgan_cli.train.config import TrainConfig
 from vqgan_cli.train.loggers import RunLog, draw_curves
@@ -54,7 +54,7 @@ from vqgan_cli.train.prior_data import (
     unigram_entropy,
 )
 from vqgan_cli.train.prior_samples import SampleGrids
-from vqgan_cli.train.reporting import TrainProgress, console
+from vqgan_cli.console import TrainProgress, console
 from vqgan_cli.train.signals import StopRequest
 
 LN2 = math.log(2.0)
@@ -176,7 +176,7 @@ def _val_batches(recipe: PriorRecipe, data: PriorData, cond, device: torch.devic
 
 
 def _check_resume(path: Path, cfg: PriorConfig) -> None:
-    from vqgan_cli.checkpoints import read_weights
+    from vqgan_cli.checkpoints.format import read_weights
 
     saved, now = read_weights(path).config, to_dict(cfg)
     if saved != now:
@@ -210,7 +210,7 @@ def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> 
     step, position, guard = 0, DataPosition(), NonFiniteGuard(cfg.max_nonfinite)
     latest = ckpts.latest()
     if latest is not None:
-        from vqgan_cli.checkpoints import read_weights
+        from vqgan_cli.checkpoints.format import read_weights
 
         _check_resume(latest.weights, pcfg)
         prior.load_state_dict(read_weights(latest.weights).state_dict)

@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import IterableDataset
 
 from vqgan_cli.config import ConfigError, spec
-from vqgan_cli.data.shards import VARIANTS, ShardError, TokenManifest, TokenShardDataset, read_manifest
+from vqgan_cli.shards.format import VARIANTS, ShardError, TokenManifest, TokenShardDataset, read_manifest
 from vqgan_cli.models.config import TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.prior import CondConfig
+from vqgan_cli.models.prior import CondConfig
 
 RECIPE_CONDS = ("unconditional", "class", "spatial")
 
@@ -87,8 +87,8 @@ def _manifest(path: str, field: str, problems: list[str]) -> TokenManifest | Non
 
 
 def _tokenizer_hash(path: str) -> str:
-    from vqgan_cli.checkpoints import weights_sha256
-    from vqgan_cli.loading import load_tokenizer
+    from vqgan_cli.checkpoints.format import weights_sha256
+    from vqgan_cli.checkpoints.load import load_tokenizer
 
     return weights_sha256(load_tokenizer(path).state_dict())
 
@@ -148,8 +148,8 @@ def _cond_config(kind: str, m: TokenManifest, sos_token: int, problems: list[str
         problems.append(f"data.shards: the conditioning tokenizer {path} recorded in {m.root} is missing; "
                         "the prior embeds it to encode new maps at sampling time")
         return CondConfig(), vocab, None, {}
-    from vqgan_cli.checkpoints import weights_sha256
-    from vqgan_cli.loading import load_tokenizer
+    from vqgan_cli.checkpoints.format import weights_sha256
+    from vqgan_cli.checkpoints.load import load_tokenizer
 
     model = load_tokenizer(path)
     if weights_sha256(model.state_dict()) != want:

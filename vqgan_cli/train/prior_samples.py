@@ -12,15 +12,15 @@ from pathlib import Path
 import torch
 
 from vqgan_cli.images import save_grid
-from vqgan_cli.prior import Prior
-from vqgan_cli.sampling import SamplingOptions, make_generators, sample_sequence
+from vqgan_cli.models.prior import Prior
+from vqgan_cli.sample.tokens import SamplingOptions, make_generators, sample_sequence
 
 
 class SampleGrids:
     """Validation tokens (top) above samples with the same conditioning (bottom), as one PNG."""
 
     def __init__(self, tokenizer: str | None, device: torch.device, n: int = 4, seed: int = 0):
-        from vqgan_cli.loading import load_tokenizer
+        from vqgan_cli.checkpoints.load import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer).to(device) if tokenizer and Path(tokenizer).exists() else None
         self.n = n

@@ -23,11 +23,11 @@ from vqgan_cli.data.dataset import VAL_SEED_BASE
 from vqgan_cli.data.landscapes import render_landscape
 from vqgan_cli.data.transforms import image_to_tensor
 from vqgan_cli.images import displayable, save_grid
-from vqgan_cli.loading import save_tokenizer
-from vqgan_cli.losses import LossConfig, TokenizerLoss
+from vqgan_cli.checkpoints.load import save_tokenizer
+from vqgan_cli.train.losses import LossConfig, TokenizerLoss
 from vqgan_cli.models.config import TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.train import runtime as R
+from vqgan_cli import runtime as R
 from vqgan_cli.train.checkpointing import CheckpointManager, checkpoint_size
 from vqgan_cli.train.config import TrainConfig
 from vqgan_cli.train.evaluation import evaluate_tokenizer
@@ -45,7 +45,7 @@ from vqgan_cli.train.loop import (
     report_end,
     restore_rng,
 )
-from vqgan_cli.train.reporting import TrainProgress, console
+from vqgan_cli.console import TrainProgress, console
 from vqgan_cli.train.signals import StopRequest
 
 
@@ -134,7 +134,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = Fa
     step, position, guard, skipped_total = 0, DataPosition(), NonFiniteGuard(cfg.max_nonfinite), 0
     latest = ckpts.latest()
     if latest is not None:
-        from vqgan_cli.checkpoints import read_weights
+        from vqgan_cli.checkpoints.format import read_weights
 
         model.load_state_dict(read_weights(latest.weights).state_dict)
         state = ckpts.load(latest)

@@ -10,7 +10,7 @@ The reference release ships each model as a run folder, placed by its users in `
 ``.ckpt`` plus ``--config``) into the checkpoint file and the YAML that describes it. For a
 ``.ckpt`` inside a run folder the YAML is the newest ``configs/*-project.yaml`` (timestamped names
 sort by time), said in :attr:`Resolved.note`. Our safetensors files carry their own config.
-Every loader (:mod:`vqgan_cli.loading`) calls this, so every command takes the same names.
+Every loader (:mod:`vqgan_cli.checkpoints.load`) calls this, so every command takes the same names.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import yaml
 
-from vqgan_cli.checkpoints import CheckpointError
+from vqgan_cli.checkpoints.format import CheckpointError
 
 CONFIG_HINT = ("the release keeps it in the run folder as configs/<date>-project.yaml, beside "
                "checkpoints/last.ckpt; pass it with --config PATH")
@@ -37,7 +37,7 @@ class Resolved(NamedTuple):
 
 
 def is_official_file(path: Path) -> bool:
-    from vqgan_cli.loading import is_safetensors
+    from vqgan_cli.checkpoints.load import is_safetensors
 
     return path.is_file() and not is_safetensors(path)
 

@@ -17,8 +17,8 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from vqgan_cli.train.reporting import console
-from vqgan_cli.window_choices import DEFAULT_MEMORY_MIB, DEFAULT_WINDOW
+from vqgan_cli.console import console
+from vqgan_cli.sample.choices import DEFAULT_MEMORY_MIB, DEFAULT_WINDOW
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Taming Transformers: train VQGAN tokenizers and transformer priors, sample images.")
@@ -81,12 +81,12 @@ def run_guarded(fn: Callable[[], T], setting: str = "--out") -> T:
     system's (no space, read-only, permissions, I/O) become one message with an exit code, no
     traceback; ``setting`` names the option that chooses the output folder."""
     from vqgan_cli import faults
-    from vqgan_cli.checkpoints import CheckpointError
+    from vqgan_cli.checkpoints.format import CheckpointError
     from vqgan_cli.config import ConfigError
     from vqgan_cli.data import DataError
-    from vqgan_cli.data.shards import ShardError
+    from vqgan_cli.shards.format import ShardError
     from vqgan_cli.encode import EncodeUsageError
-    from vqgan_cli.perceptual import PerceptualWeightsMissing
+    from vqgan_cli.models.lpips import PerceptualWeightsMissing
     from vqgan_cli.train.loop import TrainingError
 
     faults.reset_ledger()
@@ -154,7 +154,7 @@ def train_prior_cmd(
 
 def _say_found(name: str | Path, config: str | Path | None) -> None:
     """Name what a run folder or a .ckpt's ../configs/ resolved to (checkpoint, YAML)."""
-    from vqgan_cli.resolve import resolve_model
+    from vqgan_cli.checkpoints.resolve import resolve_model
 
     note = resolve_model(name, str(config) if config else None).note
     if note:
@@ -172,9 +172,9 @@ def reconstruct_cmd(
     """Reconstruct images through a tokenizer; print PSNR and SSIM per image and codebook usage."""
     from rich.table import Table
 
-    from vqgan_cli.loading import load_tokenizer
-    from vqgan_cli.reconstruct import reconstruct_files
-    from vqgan_cli.train.runtime import resolve_device
+    from vqgan_cli.checkpoints.load import load_tokenizer
+    from vqgan_cli.evaluate.reconstruct import reconstruct_files
+    from vqgan_cli.runtime import resolve_device
 
     def go() -> None:
         dev = resolve_device(device)
@@ -239,7 +239,7 @@ def encode_dataset_cmd(
     import shlex
 
     from vqgan_cli.encode import EncodeOptions, EncodeUsageError, encode_dataset, verify_shards
-    from vqgan_cli.train.reporting import summary_table
+    from vqgan_cli.console import summary_table
 
     def go() -> None:
         if verify is not None:
@@ -284,13 +284,13 @@ def convert_cmd(
     to: Annotated[str, typer.Option(help="ours | diffusers (a tokenizer as a diffusers VQModel folder)")] = "ours",
 ) -> None:
     """Convert an official checkpoint to our format, without running any code from the pickle."""
-    from vqgan_cli.loading import convert_checkpoint, load_tokenizer
+    from vqgan_cli.checkpoints.load import convert_checkpoint, load_tokenizer
 
     def go() -> None:
         if to not in ("ours", "diffusers"):
             raise _fail(f"--to: ours or diffusers, got {to!r}", 2)
         if to == "diffusers":
-            from vqgan_cli.diffusers_interop import export_diffusers
+            from vqgan_cli.checkpoints.diffusers import export_diffusers
 
             tok = load_tokenizer(src, str(config) if config else None, resolution)
             console.print(f"wrote {export_diffusers(tok, out)} (diffusers.VQModel.from_pretrained reads it)")
@@ -318,7 +318,7 @@ def info_cmd(
 
     from rich.table import Table
 
-    from vqgan_cli.info import describe, render
+    from vqgan_cli.checkpoints.info import describe, render
 
     def go() -> None:
         info = describe(path, config)
@@ -341,7 +341,7 @@ def plot_cmd(
     out: Annotated[Path | None, typer.Option(help="where to write the PNG (default RUN_DIR/curves.png)")] = None,
 ) -> None:
     """Draw a run's metrics.jsonl as curves.png: losses, quality, codebook use, adaptive weight, lr."""
-    from vqgan_cli.curves import write_curves
+    from vqgan_cli.train.curves import write_curves
 
     def go() -> None:
         try:
@@ -365,8 +365,8 @@ MEMORY_HELP = (f"MiB for window batches and fast's caches (default {DEFAULT_MEMO
 
 def _sample_guarded(fn: Callable[[], T]) -> T:
     """run_guarded, plus sample/upscale's own usage errors (exit 2, before any sampling)."""
-    from vqgan_cli.sample_inputs import SampleUsageError
-    from vqgan_cli.sampling import SamplingError
+    from vqgan_cli.sample.inputs import SampleUsageError
+    from vqgan_cli.sample.tokens import SamplingError
 
     def inner() -> T:
         try:
@@ -378,7 +378,7 @@ def _sample_guarded(fn: Callable[[], T]) -> T:
 
 
 def _sample_summary(title: str, r) -> None:  # noqa: ANN001 - a generate.SampleReport
-    from vqgan_cli.train.reporting import summary_table
+    from vqgan_cli.console import summary_table
 
     for note in r.notes:
         console.print(f"[yellow]note:[/] {note}")
@@ -430,7 +430,7 @@ def sample_cmd(
     """Draw images from a prior: unconditional, class, map-conditioned, completion, any size."""
     import shlex
 
-    from vqgan_cli.generate import SampleRequest, run_sample
+    from vqgan_cli.sample.run import SampleRequest, run_sample
 
     def go() -> None:
         r = run_sample(SampleRequest(
@@ -474,7 +474,7 @@ def upscale_cmd(
     """Stochastic super-resolution: sample a detailed image S times larger than IMAGE."""
     import shlex
 
-    from vqgan_cli.generate import UpscaleRequest, run_upscale
+    from vqgan_cli.sample.run import UpscaleRequest, run_upscale
 
     def go() -> None:
         r = run_upscale(UpscaleRequest(
@@ -489,14 +489,14 @@ def upscale_cmd(
 
 def _check_perceptual(r) -> None:  # noqa: ANN001 - a TokenizerRecipe
     """Fail before any heavy work when the LPIPS backbone weights are missing."""
-    from vqgan_cli.perceptual import check_lpips_available
+    from vqgan_cli.models.lpips import check_lpips_available
 
     if r.model.modality == "image" and r.loss.perceptual_weight > 0:
         check_lpips_available(r.loss.lpips_backbone)
 
 
 def _register_evaluate() -> None:
-    from vqgan_cli.evaluate.cli import app as evaluate_app
+    from vqgan_cli.cli.evaluate import app as evaluate_app
 
     app.add_typer(evaluate_app, name="evaluate")
 

@@ -1,5 +1,5 @@
 """The sliding window's choices and defaults, in one place and without importing torch (the
-command line reads them to build its help). :mod:`vqgan_cli.window` implements them."""
+command line reads them to build its help). :mod:`vqgan_cli.sample.window` implements them."""
 
 WINDOW_MODES = ("exact", "fast")
 DEFAULT_WINDOW = "exact"  # the default of sample, upscale and the library: on the README walk's models

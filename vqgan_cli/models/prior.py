@@ -3,7 +3,7 @@
 A :class:`Prior` is what ``load_prior`` returns, for our checkpoints and for official
 Net2NetTransformer files alike. It holds no image tokenizer: priors are trained on token
 shards and sampled together with a tokenizer loaded separately (an official transformer
-``.ckpt`` also serves as that tokenizer, see :mod:`vqgan_cli.loading`). Only a *spatial*
+``.ckpt`` also serves as that tokenizer, see :mod:`vqgan_cli.checkpoints.load`). Only a *spatial*
 conditioning stage (a segmentation/depth/image VQGAN) lives inside, because its tokens are
 part of the prior's input.
 

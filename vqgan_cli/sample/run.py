@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vqgan_cli.checkpoints import atomic_write
+from vqgan_cli.checkpoints.format import atomic_write
 from vqgan_cli.data.transforms import image_to_tensor
-from vqgan_cli.decode_tiles import decode_grid
+from vqgan_cli.sample.decode import decode_grid
 from vqgan_cli.faults import ledger, stop_on_sigterm
 from vqgan_cli.images import save_grid, to_uint8
-from vqgan_cli.sample_inputs import (
+from vqgan_cli.sample.inputs import (
     Models,
     SampleUsageError,
     check_conditioning,
@@ -38,8 +38,8 @@ from vqgan_cli.sample_inputs import (
     read_cond_map,
     vocab_of,
 )
-from vqgan_cli.sampling import SamplingError, SamplingOptions, make_generators, sample_sequence
-from vqgan_cli.window import (
+from vqgan_cli.sample.tokens import SamplingError, SamplingOptions, make_generators, sample_sequence
+from vqgan_cli.sample.window import (
     DEFAULT_SEGMENT,
     DEFAULT_WINDOW,
     PRECISIONS,
@@ -289,7 +289,7 @@ def _finished(out: Path, name: str, settings: dict[str, Any], hashes: dict) -> b
 
 def run_sample(req: SampleRequest, models: Models | None = None) -> SampleReport:
     """The whole ``vqgan sample``: check, sample in batches, decode, write images and sidecars."""
-    from vqgan_cli.train.runtime import resolve_device
+    from vqgan_cli.runtime import resolve_device
 
     _basic_checks(req)
     notes: list[str] = []
@@ -410,7 +410,7 @@ def plan_upscale(req: UpscaleRequest, models: Models, notes: list[str]) -> Plan:
 
 def run_upscale(req: UpscaleRequest, models: Models | None = None) -> SampleReport:
     """The whole ``vqgan upscale``: one image in, ``n`` stochastic super-resolutions out."""
-    from vqgan_cli.train.runtime import resolve_device
+    from vqgan_cli.runtime import resolve_device
 
     if req.n < 1:
         raise SampleUsageError(f"--n must be >= 1, got {req.n}")

@@ -4,7 +4,7 @@ The release's modules are Lightning models whose state dicts mix inference weigh
 training-only ones (``loss.*``: discriminator and LPIPS) and display-only buffers
 (``colorize``: a random projection used to draw segmentation maps). Those are dropped and
 reported; everything else must match our modules exactly, key for key and shape for shape.
-See :mod:`vqgan_cli.official_tokenizer` and :mod:`vqgan_cli.official_prior`.
+See :mod:`vqgan_cli.checkpoints.official.tokenizer` and :mod:`vqgan_cli.checkpoints.official.prior`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import yaml
 from torch import nn
 
-from vqgan_cli.checkpoints import CheckpointError
+from vqgan_cli.checkpoints.format import CheckpointError
 
 TRAINING_ONLY_PREFIXES = ("loss.",)
 DISPLAY_ONLY_KEYS = ("colorize",)

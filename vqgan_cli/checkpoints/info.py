@@ -1,7 +1,7 @@
 """``vqgan info PATH``: what a checkpoint or run folder is, and the commands that take it.
 
-Everything is read through the same loaders every command uses (:mod:`vqgan_cli.loading` via
-:func:`vqgan_cli.resolve.resolve_model`), so what ``info`` says is what ``sample`` will load.
+Everything is read through the same loaders every command uses (:mod:`vqgan_cli.checkpoints.load` via
+:func:`vqgan_cli.checkpoints.resolve.resolve_model`), so what ``info`` says is what ``sample`` will load.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 from torch import nn
 
-from vqgan_cli.checkpoints import CheckpointError, read_weights
+from vqgan_cli.checkpoints.format import CheckpointError, read_weights
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.prior import Prior
+from vqgan_cli.models.prior import Prior
 
 
 def _params(*modules: nn.Module | None) -> int:
@@ -67,10 +67,10 @@ def conditioning_summary(prior: Prior) -> dict[str, Any]:
 
 def describe(path: str | Path, config: str | Path | None = None) -> dict[str, Any]:
     """A JSON-able description of a checkpoint file or run folder."""
-    from vqgan_cli.loading import PRIOR_FORMAT, is_safetensors, load_prior, load_tokenizer
-    from vqgan_cli.official_prior import is_transformer_state
-    from vqgan_cli.resolve import resolve_model
-    from vqgan_cli.safe_pickle import load_official_checkpoint
+    from vqgan_cli.checkpoints.load import PRIOR_FORMAT, is_safetensors, load_prior, load_tokenizer
+    from vqgan_cli.checkpoints.official.prior import is_transformer_state
+    from vqgan_cli.checkpoints.resolve import resolve_model
+    from vqgan_cli.checkpoints.official.unpickler import load_official_checkpoint
 
     r = resolve_model(path, config)
     ours = is_safetensors(r.path)

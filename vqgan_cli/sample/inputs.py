@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vqgan_cli.checkpoints import file_sha256, read_weights, weights_sha256
+from vqgan_cli.checkpoints.format import file_sha256, read_weights, weights_sha256
 from vqgan_cli.data import DataError
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.prior import Prior
+from vqgan_cli.models.prior import Prior
 
 
 class SampleUsageError(Exception):
@@ -66,8 +66,8 @@ def load_models(prior_path: str | Path, tokenizer_path: str | Path | None,
 
     ``prior_path``: a file or an official run folder; ``config``: the official YAML
     (``--config``); what was found for the user (checkpoint, YAML) is added to ``notes``."""
-    from vqgan_cli.loading import is_safetensors, load_prior, load_tokenizer
-    from vqgan_cli.resolve import resolve_model
+    from vqgan_cli.checkpoints.load import is_safetensors, load_prior, load_tokenizer
+    from vqgan_cli.checkpoints.resolve import resolve_model
 
     resolved = resolve_model(prior_path, config)
     if resolved.note and notes is not None:

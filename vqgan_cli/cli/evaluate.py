@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from vqgan_cli.train.reporting import console
+from vqgan_cli.console import console
 
 app = typer.Typer(no_args_is_help=True, help="Measure tokenizers (rFID, PSNR, SSIM, LPIPS, usage), "
                                              "sample folders (FID, KID, IS) and priors (bits per token).")
@@ -102,9 +102,9 @@ def tokenizer_cmd(
     def go() -> None:
         from vqgan_cli.evaluate.inception import Inception, check_inception_weights
         from vqgan_cli.evaluate.tokenizer import evaluate_tokenizer
-        from vqgan_cli.loading import load_tokenizer
-        from vqgan_cli.perceptual import PerceptualWeightsMissing, build_lpips, check_lpips_available
-        from vqgan_cli.train.runtime import resolve_device
+        from vqgan_cli.checkpoints.load import load_tokenizer
+        from vqgan_cli.models.lpips import PerceptualWeightsMissing, build_lpips, check_lpips_available
+        from vqgan_cli.runtime import resolve_device
 
         if fid:  # before any work
             check_inception_weights(inception_weights)
@@ -150,7 +150,7 @@ def samples_cmd(
     def go() -> None:
         from vqgan_cli.evaluate.inception import Inception, check_inception_weights
         from vqgan_cli.evaluate.samples import evaluate_samples
-        from vqgan_cli.train.runtime import resolve_device
+        from vqgan_cli.runtime import resolve_device
 
         check_inception_weights(inception_weights)
         if save_stats is not None and reference.endswith(".npz"):
@@ -182,8 +182,8 @@ def prior_cmd(
 
     def go() -> None:
         from vqgan_cli.evaluate.prior import evaluate_prior
-        from vqgan_cli.loading import load_prior
-        from vqgan_cli.train.runtime import resolve_device
+        from vqgan_cli.checkpoints.load import load_prior
+        from vqgan_cli.runtime import resolve_device
 
         c = None
         if crop is not None:

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from vqgan_cli.checkpoints import CheckpointError
+from vqgan_cli.checkpoints.format import CheckpointError
 
 
 class UnsafeCheckpointError(CheckpointError):

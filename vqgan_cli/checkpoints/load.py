@@ -1,7 +1,7 @@
 """One door for every model file: ``load_tokenizer`` / ``load_prior`` / ``convert_checkpoint``.
 
 Both loaders take our safetensors checkpoints (self-describing: the config is in the file) and
-official ``.ckpt`` files (read by :mod:`vqgan_cli.safe_pickle`, so no pickled code runs;
+official ``.ckpt`` files (read by :mod:`vqgan_cli.checkpoints.official.unpickler`, so no pickled code runs;
 architecture from the shapes, or from the model's YAML checked against them). An official
 Net2NetTransformer file also serves as a tokenizer: its ``first_stage_model`` is the image
 tokenizer the prior was trained with.
@@ -23,16 +23,16 @@ from typing import Any
 
 import torch
 
-from vqgan_cli.checkpoints import CheckpointError, read_weights, save_weights, weights_sha256
+from vqgan_cli.checkpoints.format import CheckpointError, read_weights, save_weights, weights_sha256
 from vqgan_cli.config import ConfigError, from_dict, to_dict
 from vqgan_cli.models.config import TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.official import read_model_yaml, split_prefix, strict_load
-from vqgan_cli.official_prior import build_prior, is_transformer_state
-from vqgan_cli.official_tokenizer import build_tokenizer, install_remap, remap_setting
-from vqgan_cli.prior import Prior, PriorConfig, build_order
-from vqgan_cli.resolve import label_shift_for, read_yaml_file, resolve_model
-from vqgan_cli.safe_pickle import RawCheckpoint, load_official_checkpoint
+from vqgan_cli.checkpoints.official.common import read_model_yaml, split_prefix, strict_load
+from vqgan_cli.checkpoints.official.prior import build_prior, is_transformer_state
+from vqgan_cli.checkpoints.official.tokenizer import build_tokenizer, install_remap, remap_setting
+from vqgan_cli.models.prior import Prior, PriorConfig, build_order
+from vqgan_cli.checkpoints.resolve import label_shift_for, read_yaml_file, resolve_model
+from vqgan_cli.checkpoints.official.unpickler import RawCheckpoint, load_official_checkpoint
 
 TOKENIZER_FORMAT = "vqgan-tokenizer"
 PRIOR_FORMAT = "vqgan-prior"
@@ -85,7 +85,7 @@ def load_tokenizer(path: str | Path, config: str | Path | dict | None = None,
     only decides where attention layers sit. ``unknown_index``: see ``official_tokenizer``.
     A diffusers ``VQModel`` folder (ours exported, or one diffusers saved) loads too.
     """
-    from vqgan_cli.diffusers_interop import is_diffusers_folder, load_diffusers_tokenizer
+    from vqgan_cli.checkpoints.diffusers import is_diffusers_folder, load_diffusers_tokenizer
 
     if is_diffusers_folder(path):
         return load_diffusers_tokenizer(path)

@@ -107,7 +107,7 @@ class TokenizerLoss(nn.Module):
             if in_channels != 3:
                 raise ValueError(f"LPIPS needs RGB input, got {in_channels} channels; "
                                  "set loss.perceptual_weight=0")
-            from vqgan_cli.perceptual import build_lpips
+            from vqgan_cli.models.lpips import build_lpips
             self.perceptual_loss = build_lpips(cfg.lpips_backbone)
 
     @property

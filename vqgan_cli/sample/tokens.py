@@ -10,7 +10,7 @@ softmax. Two decisions make samples reproducible:
 - Classifier-free guidance runs the conditional and the unconditional ("null") sequences as one
   batch of 2B rows and mixes their logits, ``u + s * (c - u)``, before temperature and filtering.
 
-The window samplers (:mod:`vqgan_cli.window`) reuse :func:`draw_tokens` and :class:`Guided`, with
+The window samplers (:mod:`vqgan_cli.sample.window`) reuse :func:`draw_tokens` and :class:`Guided`, with
 one uniform number per grid position instead of one per step.
 """
 
