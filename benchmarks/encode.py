@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from vqgan_cli.checkpoints.load import save_tokenizer
 from vqgan_cli.config import load_recipe
 from vqgan_cli.data.landscapes import render_landscape
 from vqgan_cli.encode import EncodeOptions, encode_dataset, shard_batches
 from vqgan_cli.encode.inputs import Prepare, list_items, to_model_range
-from vqgan_cli.checkpoints.load import save_tokenizer
 from vqgan_cli.models.config import TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
 

@@ -31,9 +31,9 @@ from PIL import Image
 from vqgan_cli.data.dataset import VAL_SEED_BASE
 from vqgan_cli.data.landscapes import render_landscape
 from vqgan_cli.data.transforms import image_to_tensor, tensor_to_image
-from vqgan_cli.sample.run import UpscaleRequest, load_models, run_upscale
 from vqgan_cli.evaluate.map_agreement import fit_cell_classifier, label_agreement
 from vqgan_cli.metrics import psnr
+from vqgan_cli.sample.run import UpscaleRequest, load_models, run_upscale
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -40,14 +40,14 @@ from pathlib import Path
 import torch
 
 import vqgan_cli.models.lpips as perceptual
+from vqgan_cli import runtime as R
 from vqgan_cli.config import load_recipe
-from vqgan_cli.train.losses import LossConfig, TokenizerLoss
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli import runtime as R
 from vqgan_cli.train.loop import accumulate_logs as _accumulate
 from vqgan_cli.train.loop import learning_rate
 from vqgan_cli.train.loop import optimizer_step as _optimizer_step
+from vqgan_cli.train.losses import LossConfig, TokenizerLoss
 from vqgan_cli.train.tokenizer import TokenizerRecipe
 
 HERE = Path(__file__).resolve().parent

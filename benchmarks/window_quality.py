@@ -44,13 +44,13 @@ from PIL import Image
 
 from vqgan_cli.data.landscapes import render_landscape
 from vqgan_cli.data.transforms import image_to_tensor
-from vqgan_cli.sample.decode import decode_grid
-from vqgan_cli.sample.run import SampleRequest, run_sample
-from vqgan_cli.images import to_uint8
 from vqgan_cli.evaluate.map_agreement import CellClassifier, fit_cell_classifier, label_agreement
+from vqgan_cli.images import to_uint8
 from vqgan_cli.metrics import band_score, period_amplitude, seam_ratio
-from vqgan_cli.sample.inputs import crop_grid, load_models
 from vqgan_cli.runtime import resolve_device
+from vqgan_cli.sample.decode import decode_grid
+from vqgan_cli.sample.inputs import crop_grid, load_models
+from vqgan_cli.sample.run import SampleRequest, run_sample
 
 COLUMNS = ("agreement", "band", "token", "seam", "s/img")
 HEADERS = ("agreement", "band / real", "token / real", "seam", "s/img")

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vqgan_cli.train.losses import LossConfig, TokenizerLoss
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
+from vqgan_cli.train.losses import LossConfig, TokenizerLoss
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 

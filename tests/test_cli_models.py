@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from vqgan_cli.checkpoints.load import load_tokenizer, save_tokenizer
 from vqgan_cli.cli import app
 from vqgan_cli.config import from_dict
 from vqgan_cli.data.transforms import image_to_tensor, read_image
-from vqgan_cli.checkpoints.load import load_tokenizer, save_tokenizer
+from vqgan_cli.evaluate.reconstruct import pad_to_multiple
 from vqgan_cli.metrics import psnr
 from vqgan_cli.models.config import TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.evaluate.reconstruct import pad_to_multiple
 
 runner = CliRunner()
 TINY = {"autoencoder": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [],

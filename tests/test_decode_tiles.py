@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from vqgan_cli.sample.decode import decode_bytes, decode_grid, decode_tiled, tile_starts
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
+from vqgan_cli.sample.decode import decode_bytes, decode_grid, decode_tiled, tile_starts
 
 
 def tiny_tokenizer() -> VQGAN:

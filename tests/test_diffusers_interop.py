@@ -14,9 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: nothing may 
 diffusers = pytest.importorskip("diffusers")
 
 from vqgan_cli import load_tokenizer  # noqa: E402
-from vqgan_cli.cli import app  # noqa: E402
 from vqgan_cli.checkpoints.diffusers import DiffusersError, export_diffusers  # noqa: E402
 from vqgan_cli.checkpoints.load import save_tokenizer  # noqa: E402
+from vqgan_cli.cli import app  # noqa: E402
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig  # noqa: E402
 from vqgan_cli.models.vqgan import VQGAN  # noqa: E402
 

@@ -17,16 +17,16 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from vqgan_cli.checkpoints.load import load_tokenizer, save_tokenizer
 from vqgan_cli.cli import app
 from vqgan_cli.data.landscapes import render_landscape
 from vqgan_cli.data.maps import one_hot
-from vqgan_cli.shards.format import MANIFEST, TokenShardDataset, read_manifest, read_shard, shard_name
 from vqgan_cli.data.transforms import image_to_tensor, resize_smaller_side
 from vqgan_cli.encode import EncodeOptions, EncodeUsageError, encode_dataset, shard_batches, verify_shards
 from vqgan_cli.encode.store import OutputFolder, open_output, partial_name
-from vqgan_cli.checkpoints.load import load_tokenizer, save_tokenizer
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
+from vqgan_cli.shards.format import MANIFEST, TokenShardDataset, read_manifest, read_shard, shard_name
 
 SIZE = 16  # f = 4: a 4x4 token grid
 

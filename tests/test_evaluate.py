@@ -197,9 +197,9 @@ def test_label_agreement_of_samples_from_builtin_maps(inception, tmp_path):
 def test_tokenizer_cli_psnr_and_usage_match_the_reconstructions(weights, tmp_path):
     from test_cli_models import tiny_model
 
+    from vqgan_cli.checkpoints.load import load_tokenizer, save_tokenizer
     from vqgan_cli.data.dataset import VAL_SEED_BASE
     from vqgan_cli.data.transforms import image_to_tensor
-    from vqgan_cli.checkpoints.load import load_tokenizer, save_tokenizer
 
     ckpt = save_tokenizer(tmp_path / "tok.safetensors", tiny_model())
     out = tmp_path / "ev"

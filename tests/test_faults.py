@@ -29,9 +29,9 @@ from test_train_tokenizer import TINY as TOKENIZER_TINY
 from typer.testing import CliRunner
 
 from vqgan_cli.checkpoints.format import read_weights
+from vqgan_cli.checkpoints.load import save_tokenizer
 from vqgan_cli.cli import _without_worker_traceback, app
 from vqgan_cli.shards.format import MANIFEST, ShardError, TokenShardDataset, shard_name
-from vqgan_cli.checkpoints.load import save_tokenizer
 
 runner = CliRunner()
 
@@ -389,8 +389,8 @@ def sos_prior(tmp_path_factory) -> Path:
     from vqgan_cli.checkpoints.load import save_prior
     from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
     from vqgan_cli.models.gpt import GPTConfig
-    from vqgan_cli.models.vqgan import VQGAN
     from vqgan_cli.models.prior import CondConfig, Prior, PriorConfig
+    from vqgan_cli.models.vqgan import VQGAN
 
     d = tmp_path_factory.mktemp("sampler")
     torch.manual_seed(0)

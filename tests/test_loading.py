@@ -18,9 +18,9 @@ from test_official import (
 )
 
 from vqgan_cli.checkpoints.format import CheckpointError, read_weights, weights_sha256
-from vqgan_cli.config import to_dict
 from vqgan_cli.checkpoints.load import convert_checkpoint, load_prior, load_tokenizer, save_prior, save_tokenizer
 from vqgan_cli.checkpoints.official.tokenizer import install_remap
+from vqgan_cli.config import to_dict
 
 
 def test_public_api_is_reexported():

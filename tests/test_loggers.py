@@ -132,8 +132,8 @@ def test_prior_run_logs_scalars_and_sample_grids_to_tensorboard(tmp_path):
     from test_train_prior import make_shards
     from test_train_prior import tiny_recipe as prior_recipe
 
-    from vqgan_cli.images import to_uint8
     from vqgan_cli.checkpoints.load import save_tokenizer
+    from vqgan_cli.images import to_uint8
     from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
     from vqgan_cli.models.vqgan import VQGAN
     from vqgan_cli.train.prior import train_prior

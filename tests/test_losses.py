@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqgan_cli.config import ConfigError, from_dict
-from vqgan_cli.train.losses import LossConfig, TokenizerLoss, adaptive_weight
 from vqgan_cli.models.lpips import (
     VGG16_FILE,
     PerceptualWeightsInvalid,
@@ -19,6 +18,7 @@ from vqgan_cli.models.lpips import (
     build_lpips,
     check_lpips_available,
 )
+from vqgan_cli.train.losses import LossConfig, TokenizerLoss, adaptive_weight
 
 
 class TinyDecoder(nn.Module):

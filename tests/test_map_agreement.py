@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 from vqgan_cli.checkpoints.format import weights_sha256
-from vqgan_cli.data.landscapes import GRASS, MOUNTAIN, SKY, render_landscape
 from vqgan_cli.checkpoints.load import save_prior, save_tokenizer
+from vqgan_cli.data.landscapes import GRASS, MOUNTAIN, SKY, render_landscape
 from vqgan_cli.evaluate.map_agreement import CellClassifier, fit_cell_classifier, label_agreement, map_cell_labels
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from vqgan_cli.models.gpt import GPTConfig
-from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.models.prior import CondConfig, Prior, PriorConfig
+from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.sample.window import WINDOW_MODES
 
 HELD_OUT = range(1_000_000, 1_000_008)  # the built-in validation scenes

@@ -19,13 +19,13 @@ import torch
 import yaml
 
 from vqgan_cli.checkpoints.format import CheckpointError
-from vqgan_cli.config import to_dict
 from vqgan_cli.checkpoints.load import load_prior, load_tokenizer
+from vqgan_cli.checkpoints.official.tokenizer import infer_tokenizer_config
+from vqgan_cli.config import to_dict
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from vqgan_cli.models.gpt import GPTConfig
-from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.checkpoints.official.tokenizer import infer_tokenizer_config
 from vqgan_cli.models.prior import CondConfig, Prior, PriorConfig, StoredOrder
+from vqgan_cli.models.vqgan import VQGAN
 
 RES = 16
 

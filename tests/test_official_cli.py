@@ -31,9 +31,9 @@ from test_official import (
 )
 from typer.testing import CliRunner
 
+from vqgan_cli.checkpoints.load import load_prior, load_tokenizer
 from vqgan_cli.cli import app
 from vqgan_cli.images import to_uint8
-from vqgan_cli.checkpoints.load import load_prior, load_tokenizer
 from vqgan_cli.models.prior import Prior
 from vqgan_cli.sample.tokens import SamplingOptions, make_generators, sample_sequence
 
@@ -400,8 +400,8 @@ def test_tokenizer_folder_with_model_yaml_and_scene_images_refused(tmp_path):
 
 def test_encode_dataset_takes_a_folder_and_config(tmp_path):
     from vqgan_cli.data.landscapes import render_landscape
-    from vqgan_cli.shards.format import read_manifest, read_shard
     from vqgan_cli.data.transforms import image_to_tensor
+    from vqgan_cli.shards.format import read_manifest, read_shard
 
     cfg = KINDS["vq"]()
     run = tmp_path / "logs" / "vqgan_tiny"

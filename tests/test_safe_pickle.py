@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from vqgan_cli.checkpoints.format import CheckpointError
-from vqgan_cli.checkpoints.official.unpickler import ForeignObject, UnsafeCheckpointError, load_official_checkpoint, safe_load
+from vqgan_cli.checkpoints.official.unpickler import (
+    ForeignObject,
+    UnsafeCheckpointError,
+    load_official_checkpoint,
+    safe_load,
+)
 
 
 class _Reduces:

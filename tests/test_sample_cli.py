@@ -13,14 +13,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vqgan_cli.checkpoints.format import weights_sha256
-from vqgan_cli.cli import app
-from vqgan_cli.sample.run import SampleRequest, _options, plan_sample, sample_batch
 from vqgan_cli.checkpoints.load import save_prior, save_tokenizer
+from vqgan_cli.cli import app
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from vqgan_cli.models.gpt import GPTConfig
-from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.models.prior import CondConfig, Prior, PriorConfig
+from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.sample.inputs import load_models
+from vqgan_cli.sample.run import SampleRequest, _options, plan_sample, sample_batch
 
 runner = CliRunner()
 

@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from vqgan_cli.checkpoints.format import load_state, read_weights
-from vqgan_cli.config import ConfigError, apply_overrides, from_dict
-from vqgan_cli.shards.format import MANIFEST, MANIFEST_FORMAT, ShardWriter, TokenSample, shard_name, token_dtype
 from vqgan_cli.checkpoints.load import load_prior
+from vqgan_cli.config import ConfigError, apply_overrides, from_dict
 from vqgan_cli.models.gpt import GPTConfig
 from vqgan_cli.models.prior import CondConfig, Prior, PriorConfig
+from vqgan_cli.shards.format import MANIFEST, MANIFEST_FORMAT, ShardWriter, TokenSample, shard_name, token_dtype
 from vqgan_cli.train.loop import scheduled_lr
 from vqgan_cli.train.prior import PriorRecipe, train_prior
 from vqgan_cli.train.prior_data import build_split, collate_tokens, cond_input, is_held_out, resolve_data

@@ -12,8 +12,8 @@ from typing import Any
 from torch import nn
 
 from vqgan_cli.checkpoints.format import CheckpointError, read_weights
-from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.models.prior import Prior
+from vqgan_cli.models.vqgan import VQGAN
 
 
 def _params(*modules: nn.Module | None) -> int:
@@ -69,8 +69,8 @@ def describe(path: str | Path, config: str | Path | None = None) -> dict[str, An
     """A JSON-able description of a checkpoint file or run folder."""
     from vqgan_cli.checkpoints.load import PRIOR_FORMAT, is_safetensors, load_prior, load_tokenizer
     from vqgan_cli.checkpoints.official.prior import is_transformer_state
-    from vqgan_cli.checkpoints.resolve import resolve_model
     from vqgan_cli.checkpoints.official.unpickler import load_official_checkpoint
+    from vqgan_cli.checkpoints.resolve import resolve_model
 
     r = resolve_model(path, config)
     ours = is_safetensors(r.path)

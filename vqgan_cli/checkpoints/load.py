@@ -24,15 +24,15 @@ from typing import Any
 import torch
 
 from vqgan_cli.checkpoints.format import CheckpointError, read_weights, save_weights, weights_sha256
-from vqgan_cli.config import ConfigError, from_dict, to_dict
-from vqgan_cli.models.config import TokenizerConfig
-from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.checkpoints.official.common import read_model_yaml, split_prefix, strict_load
 from vqgan_cli.checkpoints.official.prior import build_prior, is_transformer_state
 from vqgan_cli.checkpoints.official.tokenizer import build_tokenizer, install_remap, remap_setting
-from vqgan_cli.models.prior import Prior, PriorConfig, build_order
-from vqgan_cli.checkpoints.resolve import label_shift_for, read_yaml_file, resolve_model
 from vqgan_cli.checkpoints.official.unpickler import RawCheckpoint, load_official_checkpoint
+from vqgan_cli.checkpoints.resolve import label_shift_for, read_yaml_file, resolve_model
+from vqgan_cli.config import ConfigError, from_dict, to_dict
+from vqgan_cli.models.config import TokenizerConfig
+from vqgan_cli.models.prior import Prior, PriorConfig, build_order
+from vqgan_cli.models.vqgan import VQGAN
 
 TOKENIZER_FORMAT = "vqgan-tokenizer"
 PRIOR_FORMAT = "vqgan-prior"

@@ -84,9 +84,9 @@ def run_guarded(fn: Callable[[], T], setting: str = "--out") -> T:
     from vqgan_cli.checkpoints.format import CheckpointError
     from vqgan_cli.config import ConfigError
     from vqgan_cli.data import DataError
-    from vqgan_cli.shards.format import ShardError
     from vqgan_cli.encode import EncodeUsageError
     from vqgan_cli.models.lpips import PerceptualWeightsMissing
+    from vqgan_cli.shards.format import ShardError
     from vqgan_cli.train.loop import TrainingError
 
     faults.reset_ledger()
@@ -238,8 +238,8 @@ def encode_dataset_cmd(
     """Encode a data set into token shards for stage two. Re-running the same command resumes."""
     import shlex
 
-    from vqgan_cli.encode import EncodeOptions, EncodeUsageError, encode_dataset, verify_shards
     from vqgan_cli.console import summary_table
+    from vqgan_cli.encode import EncodeOptions, EncodeUsageError, encode_dataset, verify_shards
 
     def go() -> None:
         if verify is not None:

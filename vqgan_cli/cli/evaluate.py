@@ -100,9 +100,9 @@ def tokenizer_cmd(
     and perplexity, rFID. Writes metrics.json and per_image.csv."""
 
     def go() -> None:
+        from vqgan_cli.checkpoints.load import load_tokenizer
         from vqgan_cli.evaluate.inception import Inception, check_inception_weights
         from vqgan_cli.evaluate.tokenizer import evaluate_tokenizer
-        from vqgan_cli.checkpoints.load import load_tokenizer
         from vqgan_cli.models.lpips import PerceptualWeightsMissing, build_lpips, check_lpips_available
         from vqgan_cli.runtime import resolve_device
 
@@ -181,8 +181,8 @@ def prior_cmd(
     """Held-out NLL (nats, bits per token) of a prior on token shards, next to the unigram entropy."""
 
     def go() -> None:
-        from vqgan_cli.evaluate.prior import evaluate_prior
         from vqgan_cli.checkpoints.load import load_prior
+        from vqgan_cli.evaluate.prior import evaluate_prior
         from vqgan_cli.runtime import resolve_device
 
         c = None

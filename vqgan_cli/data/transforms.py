@@ -163,3 +163,19 @@ def tensor_to_image(x: torch.Tensor) -> np.ndarray:
     """float (3, H, W) in [-1, 1] -> uint8 (H, W, 3), clamped, for saving and inspection."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(1, 2, 0).cpu().numpy()
+
+
+def degrade(rgb: np.ndarray, factor: int) -> np.ndarray:
+    """S-times bicubic downsample (PIL antialiases) then bicubic back up: the low-resolution
+    input a super-resolution prior is conditioned on."""
+    h, w = rgb.shape[:2]
+    small = Image.fromarray(rgb).resize((max(1, round(w / factor)), max(1, round(h / factor))),
+                                        Image.Resampling.BICUBIC)
+    return np.array(small.resize((w, h), Image.Resampling.BICUBIC))
+
+
+def degrade_batch(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> the same images degraded like ``encode-dataset --cond lowres:S``
+    (PIL bicubic down then up), so sampling conditions on what training saw."""
+    out = [image_to_tensor(degrade(tensor_to_image(img), factor)) for img in x.cpu()]
+    return torch.stack(out).to(x.device, x.dtype)

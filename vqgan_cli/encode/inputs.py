@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from vqgan_cli.data import BadFile, DataError
 from vqgan_cli.data.config import DataConfig
@@ -24,7 +23,7 @@ from vqgan_cli.data.dataset import IMAGE_FIELDS
 from vqgan_cli.data.landscapes import LANDSCAPE_CLASSES, render_landscape
 from vqgan_cli.data.maps import check_labels, read_map
 from vqgan_cli.data.sources import MapIndex, resolve_source, split_member_name
-from vqgan_cli.data.transforms import read_image, resize_smaller_side
+from vqgan_cli.data.transforms import degrade, read_image, resize_smaller_side
 
 MAP_FIELDS = ("seg.png", "depth.png")
 CSV_ID_COLUMNS = ("key", "id", "path", "file", "filename", "image")
@@ -265,14 +264,6 @@ def to_model_range(x: torch.Tensor) -> torch.Tensor:
     ``data.transforms.image_to_tensor`` (so tokens equal those of a float pipeline, bit for bit)."""
     return x.float().div_(127.5).sub_(1.0)
 
-
-def degrade(rgb: np.ndarray, factor: int) -> np.ndarray:
-    """S-times bicubic downsample (PIL antialiases) then bicubic back up: the low-resolution
-    input a super-resolution prior is conditioned on."""
-    h, w = rgb.shape[:2]
-    small = Image.fromarray(rgb).resize((max(1, round(w / factor)), max(1, round(h / factor))),
-                                        Image.Resampling.BICUBIC)
-    return np.array(small.resize((w, h), Image.Resampling.BICUBIC))
 
 
 def _read_at(path: str, offset: int, size: int) -> bytes:

@@ -17,9 +17,9 @@ import torch
 from vqgan_cli.checkpoints.format import weights_sha256
 from vqgan_cli.config import to_dict
 from vqgan_cli.data.maps import one_hot
-from vqgan_cli.shards.format import token_dtype
 from vqgan_cli.encode.inputs import EncodeUsageError, builtin_classes, to_model_range
 from vqgan_cli.models.vqgan import VQGAN
+from vqgan_cli.shards.format import token_dtype
 
 COND_KINDS = ("seg", "depth", "labels")  # plus lowres:S
 

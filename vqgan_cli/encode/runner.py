@@ -22,8 +22,8 @@ from rich.markup import escape
 from torch.utils.data import DataLoader
 
 from vqgan_cli.checkpoints.format import file_sha256
+from vqgan_cli.console import TrainProgress, console
 from vqgan_cli.data import DataError
-from vqgan_cli.shards.format import MANIFEST_FORMAT, MANIFEST_VERSION, TokenSample, token_dtype
 from vqgan_cli.encode.inputs import (
     EncodeUsageError,
     InputItem,
@@ -37,8 +37,8 @@ from vqgan_cli.encode.loader import EncodeItems, collate_groups, shard_batches
 from vqgan_cli.encode.models import Cond, cond_tokens_of, load_for_encoding, setup_cond, tokens_of
 from vqgan_cli.encode.store import OutputFolder, open_output
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.console import TrainProgress, console
 from vqgan_cli.runtime import resolve_device
+from vqgan_cli.shards.format import MANIFEST_FORMAT, MANIFEST_VERSION, TokenSample, token_dtype
 
 
 @dataclass

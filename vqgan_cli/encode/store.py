@@ -25,6 +25,8 @@ from typing import NamedTuple
 import numpy as np
 
 from vqgan_cli.checkpoints.format import atomic_write
+from vqgan_cli.encode.inputs import EncodeUsageError
+from vqgan_cli.faults import human_bytes, ledger, space_shortfall
 from vqgan_cli.shards.format import (
     MANIFEST,
     MANIFEST_FORMAT,
@@ -35,8 +37,6 @@ from vqgan_cli.shards.format import (
     read_shard,
     shard_name,
 )
-from vqgan_cli.encode.inputs import EncodeUsageError
-from vqgan_cli.faults import human_bytes, ledger, space_shortfall
 
 SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
 PARTIAL_RE = re.compile(r"^\.shard-(\d{6})\.tar\.partial$")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqgan_cli.config import spec
+from vqgan_cli.data.transforms import degrade_batch
 from vqgan_cli.models.config import TokenizerConfig
 from vqgan_cli.models.gpt import GPT, GPTConfig
 from vqgan_cli.models.permuter import _IndexPermuter, build_permuter
@@ -251,12 +252,3 @@ class TrainingSequences(NamedTuple):
         """What the GPT reads: ``cat(c, z)[:, :-1]`` (B, Lc + Lz - 1)."""
         return torch.cat((self.cond, self.image), dim=1)[:, :-1]
 
-
-def degrade_batch(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> the same images degraded like ``encode-dataset --cond lowres:S``
-    (PIL bicubic down then up), so sampling conditions on what training saw."""
-    from vqgan_cli.data.transforms import image_to_tensor, tensor_to_image
-    from vqgan_cli.encode.inputs import degrade
-
-    out = [image_to_tensor(degrade(tensor_to_image(img), factor)) for img in x.cpu()]
-    return torch.stack(out).to(x.device, x.dtype)

@@ -17,8 +17,8 @@ from PIL import Image
 
 from vqgan_cli.checkpoints.format import file_sha256, read_weights, weights_sha256
 from vqgan_cli.data import DataError
-from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.models.prior import Prior
+from vqgan_cli.models.vqgan import VQGAN
 
 
 class SampleUsageError(Exception):

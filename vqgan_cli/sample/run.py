@@ -21,9 +21,9 @@ from PIL import Image
 
 from vqgan_cli.checkpoints.format import atomic_write
 from vqgan_cli.data.transforms import image_to_tensor
-from vqgan_cli.sample.decode import decode_grid
 from vqgan_cli.faults import ledger, stop_on_sigterm
 from vqgan_cli.images import save_grid, to_uint8
+from vqgan_cli.sample.decode import decode_grid
 from vqgan_cli.sample.inputs import (
     Models,
     SampleUsageError,

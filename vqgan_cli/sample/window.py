@@ -56,8 +56,8 @@ import torch
 from torch.nn import functional as F
 
 from vqgan_cli.models.gpt import GPT, LayerKV
-from vqgan_cli.sample.tokens import Guided, SamplingError, SamplingOptions, draw_tokens
 from vqgan_cli.sample.choices import DEFAULT_MEMORY_MIB, DEFAULT_WINDOW, WINDOW_MODES  # noqa: F401
+from vqgan_cli.sample.tokens import Guided, SamplingError, SamplingOptions, draw_tokens
 
 DEFAULT_SEGMENT: int | None = None  # None: the widest segment that keeps the context, cw//2 + 1
 PRECISIONS = ("fp32", "bf16")

@@ -18,8 +18,8 @@ from rich.markup import escape
 from torch import nn
 
 from vqgan_cli.checkpoints.format import load_state, save_state, state_path
-from vqgan_cli.faults import human_bytes, ledger, space_shortfall
 from vqgan_cli.console import console
+from vqgan_cli.faults import human_bytes, ledger, space_shortfall
 
 _STEP = re.compile(r"^step_(\d+)\.safetensors$")
 

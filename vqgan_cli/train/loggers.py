@@ -106,8 +106,8 @@ def code_use_counts(quantizer: torch.nn.Module) -> torch.Tensor | None:
 
 def draw_curves(run_dir: Path) -> None:
     """curves.png at the end of a run; a one-line note instead when matplotlib is missing."""
-    from vqgan_cli.train.curves import plot_available, write_curves
     from vqgan_cli.console import console
+    from vqgan_cli.train.curves import plot_available, write_curves
 
     if not plot_available():
         console.print("[yellow]no curves.png: pip install matplotlib, then vqgan plot RUN_DIR[/]")

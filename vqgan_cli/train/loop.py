@@ -14,8 +14,8 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from vqgan_cli.config import ConfigError
 from vqgan_cli import runtime as R
+from vqgan_cli.config import ConfigError
 from vqgan_cli.runtime import Runtime
 
 # Recipe keys that may change between a run and its resumption without changing the result

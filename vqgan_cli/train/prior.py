@@ -19,12 +19,13 @@ import torch
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from vqgan_cli.config import ConfigError, spec, to_dict
+from vqgan_cli import runtime as R
 from vqgan_cli.checkpoints.load import save_prior
+from vqgan_cli.config import ConfigError, spec, to_dict
+from vqgan_cli.console import TrainProgress, console
 from vqgan_cli.models.gpt import GPTConfig, param_groups
 from vqgan_cli.models.permuter import PERMUTERS
 from vqgan_cli.models.prior import Prior, PriorConfig
-from vqgan_cli import runtime as R
 from vqgan_cli.train.checkpointing import CheckpointManager, checkpoint_size
 from vqgan_cli.train.config import TrainConfig
 from vqgan_cli.train.loggers import RunLog, draw_curves
@@ -54,7 +55,6 @@ from vqgan_cli.train.prior_data import (
     unigram_entropy,
 )
 from vqgan_cli.train.prior_samples import SampleGrids
-from vqgan_cli.console import TrainProgress, console
 from vqgan_cli.train.signals import StopRequest
 
 LN2 = math.log(2.0)

@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import IterableDataset
 
 from vqgan_cli.config import ConfigError, spec
-from vqgan_cli.shards.format import VARIANTS, ShardError, TokenManifest, TokenShardDataset, read_manifest
 from vqgan_cli.models.config import TokenizerConfig
-from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.models.prior import CondConfig
+from vqgan_cli.models.vqgan import VQGAN
+from vqgan_cli.shards.format import VARIANTS, ShardError, TokenManifest, TokenShardDataset, read_manifest
 
 RECIPE_CONDS = ("unconditional", "class", "spatial")
 

@@ -17,17 +17,17 @@ from typing import NamedTuple
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from vqgan_cli import runtime as R
+from vqgan_cli.checkpoints.load import save_tokenizer
 from vqgan_cli.config import spec, to_dict
+from vqgan_cli.console import TrainProgress, console
 from vqgan_cli.data import DataConfig, build_dataset, collate, model_input
 from vqgan_cli.data.dataset import VAL_SEED_BASE
 from vqgan_cli.data.landscapes import render_landscape
 from vqgan_cli.data.transforms import image_to_tensor
 from vqgan_cli.images import displayable, save_grid
-from vqgan_cli.checkpoints.load import save_tokenizer
-from vqgan_cli.train.losses import LossConfig, TokenizerLoss
 from vqgan_cli.models.config import TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli import runtime as R
 from vqgan_cli.train.checkpointing import CheckpointManager, checkpoint_size
 from vqgan_cli.train.config import TrainConfig
 from vqgan_cli.train.evaluation import evaluate_tokenizer
@@ -45,7 +45,7 @@ from vqgan_cli.train.loop import (
     report_end,
     restore_rng,
 )
-from vqgan_cli.console import TrainProgress, console
+from vqgan_cli.train.losses import LossConfig, TokenizerLoss
 from vqgan_cli.train.signals import StopRequest
 
 

@@ -20,13 +20,13 @@ from typing import Any, NamedTuple
 import torch
 
 from vqgan_cli.checkpoints.format import CheckpointError
-from vqgan_cli.models.gpt import GPT, GPTConfig
-from vqgan_cli.models.permuter import PERMUTERS, build_permuter
-from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.checkpoints.official.common import get_param, mismatch, need, split_prefix, strict_load, target_name
 from vqgan_cli.checkpoints.official.tokenizer import DEFAULT_RESOLUTION, build_tokenizer, first_difference
-from vqgan_cli.models.prior import CondConfig, Prior, PriorConfig, StoredOrder
 from vqgan_cli.checkpoints.resolve import CONFIG_HINT
+from vqgan_cli.models.gpt import GPT, GPTConfig
+from vqgan_cli.models.permuter import PERMUTERS, build_permuter
+from vqgan_cli.models.prior import CondConfig, Prior, PriorConfig, StoredOrder
+from vqgan_cli.models.vqgan import VQGAN
 
 PREFIXES = ("first_stage_model.", "cond_stage_model.", "transformer.", "permuter.")
 _PERMUTER_NAMES = {"Identity": "identity", "AlternateParsing": "alternate", "ZCurve": "zcurve",

@@ -26,11 +26,18 @@ from typing import Any, NamedTuple
 import torch
 
 from vqgan_cli.checkpoints.format import CheckpointError
+from vqgan_cli.checkpoints.official.common import (
+    drop_training_keys,
+    get_param,
+    mismatch,
+    need,
+    strict_load,
+    target_name,
+)
 from vqgan_cli.config import ConfigError, from_dict, to_dict
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from vqgan_cli.models.quantizers import Quantized
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.checkpoints.official.common import drop_training_keys, get_param, mismatch, need, strict_load, target_name
 
 DEFAULT_RESOLUTION = 256
 REFERENCE_GUMBEL_KL = 1e-8  # GumbelVQ's default and the released f8 value
