@@ -7,10 +7,13 @@ The model is the quickstart prior's size (``recipes/quickstart_prior.yaml``: its
 with the quickstart shards' shape: 256 codes, 8x8 tokens conditioned on an 8x8 label grid, so
 127 input tokens). In the same process, interleaved round by round, it times:
 
-- ``reference``: a plain eager fp32 GPT in minGPT style (explicit q k^T, masked_fill with the
-  causal mask buffer, softmax, att @ v), loaded with the very same weights as ours;
-- ours (the step of ``vqgan_cli/train/prior.py``: ``Prior.training_sequences`` + forward through
-  ``F.scaled_dot_product_attention``) in eager fp32 and with bf16 autocast; ``--compile`` adds
+- ``reference``: a plain eager fp32 GPT in minGPT style (``reference_gpt.py``: explicit q k^T,
+  masked_fill with the causal mask buffer, softmax, att @ v), loaded with the very same weights as
+  ours, stepped by minGPT's default (unfused) AdamW;
+- ours: the shipped ``PriorStage`` of ``vqgan_cli/train/prior.py``, ``stage.step`` +
+  ``stage.apply`` as the training engine calls them (``Prior.training_sequences``, the forward
+  through ``F.scaled_dot_product_attention``, ``token_nll``, fused AdamW with the recipe's
+  schedule and gradient clipping), in eager fp32 and with bf16 autocast; ``--compile`` adds
   bf16 + ``torch.compile``.
 
 Tokens/s counts every input position (batch x 127) per optimiser step. The median of
@@ -21,89 +24,34 @@ from this run. The token batch is fixed and synthetic: data loading is not timed
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import math
+import itertools
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-from torch.nn import functional as F
+from reference_gpt import reference_model  # a sibling script: benchmarks/ is on sys.path when they run
 
 from vqgan_cli.config import load_recipe
 from vqgan_cli.models.gpt import GPTConfig, param_groups
-from vqgan_cli.models.prior import CondConfig, Prior, PriorConfig
-from vqgan_cli.train.prior import PriorRecipe
+from vqgan_cli.models.prior import CondConfig, Prior, PriorConfig, token_nll
+from vqgan_cli.runtime import Runtime
+from vqgan_cli.train.engine import wrap
+from vqgan_cli.train.prior import PriorRecipe, PriorStage
 
 HERE = Path(__file__).resolve().parent
 QUICKSTART = HERE.parent / "recipes" / "quickstart_prior.yaml"
 VOCAB, GRID, N_LABELS = 256, (8, 8), 8  # the quickstart shards: 256 codes, 64x64 px at f8
+CPU = Runtime(torch.device("cpu"))
 
 
-# ---- the baseline: minGPT as the reference release has it ----------------------------------------
-
-
-class RefAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        C = cfg.n_embd
-        self.key, self.query, self.value, self.proj = (nn.Linear(C, C) for _ in range(4))
-        self.n_head = cfg.n_head
-        self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size))
-                             .view(1, 1, cfg.block_size, cfg.block_size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        k = self.key(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        q = self.query(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = self.value(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
-        att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf"))
-        att = F.softmax(att, dim=-1)
-        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
-        return self.proj(y)
-
-
-class RefBlock(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        C = cfg.n_embd
-        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
-        self.attn = RefAttention(cfg)
-        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C), nn.Dropout(0.0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-
-class RefGPT(nn.Module):
-    """minGPT's GPT with the same parameter names as ours, so one state dict fits both."""
-
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.block_size, cfg.n_embd))
-        self.drop = nn.Dropout(0.0)
-        self.blocks = nn.Sequential(*[RefBlock(cfg) for _ in range(cfg.n_layer)])
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.tok_emb(idx) + self.pos_emb[:, :idx.shape[1]])
-        return self.head(self.ln_f(self.blocks(x)))
-
-
-# ---- steps ---------------------------------------------------------------------------------------
-
-
-def quickstart_prior() -> Prior:
+def quickstart_prior(recipe: PriorRecipe) -> Prior:
     """The quickstart prior's GPT on the quickstart shards' shape."""
-    m = load_recipe(PriorRecipe, QUICKSTART).model
+    m = recipe.model
     n = GRID[0] * GRID[1]
     gpt = GPTConfig(vocab_size=VOCAB, block_size=2 * n - 1, n_layer=m.n_layer, n_head=m.n_head,
                     n_embd=m.n_embd)
@@ -111,17 +59,20 @@ def quickstart_prior() -> Prior:
     return Prior(PriorConfig(gpt=gpt, cond=cond, grid=GRID, pkeep=m.pkeep, image_vocab=VOCAB))
 
 
-def make_step(model: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-              amp: contextlib.AbstractContextManager,
-              fused: bool = True) -> Callable[[torch.Tensor, torch.Tensor], float]:
-    """One optimiser step; ours uses the loop's fused AdamW, the baseline minGPT's default one."""
-    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.95), fused=fused)
+Step = Callable[[dict], float]
 
-    def step(c: torch.Tensor, z: torch.Tensor) -> float:
+
+def reference_step(prior: Prior) -> Step:
+    """minGPT's forward on ``prior``'s weights, the same loss, minGPT's default (unfused) AdamW."""
+    ref = reference_model(prior.gpt)
+    opt = torch.optim.AdamW(param_groups(ref, 0.01), lr=1e-4, betas=(0.9, 0.95), fused=False)
+    n_cond = GRID[0] * GRID[1]
+
+    def step(batch: dict) -> float:
+        c, z = batch["cond"].reshape(len(batch["keys"]), -1), batch["tokens"].reshape(len(batch["keys"]), -1)
         opt.zero_grad(set_to_none=True)
-        with amp:
-            logits = fn(c, z)  # (B, Lz, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), z.reshape(-1))
+        logits = ref(torch.cat((c, z), 1)[:, :-1])[:, n_cond - 1:]  # (B, Lz, V)
+        loss = token_nll(logits, z)
         loss.backward()
         opt.step()
         return float(loss.detach())
@@ -129,33 +80,29 @@ def make_step(model: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch
     return step
 
 
-def variants(prior: Prior, compile_: bool) -> dict[str, Callable]:
-    ref = RefGPT(prior.config.gpt)
-    ref.load_state_dict(prior.gpt.state_dict())
-    n_cond = GRID[0] * GRID[1]
+def our_step(prior: Prior, recipe: PriorRecipe, precision: str, compile_: bool = False) -> Step:
+    """The shipped stage: ``step`` then, when finite, ``apply``, as the engine calls them."""
+    recipe = replace(recipe, train=replace(recipe.train, precision=precision, compile=compile_))
+    stage = PriorStage(recipe, prior, CPU)
+    stage.attach(wrap(prior, CPU, compile_))
+    steps = itertools.count()
 
-    def ref_fn(c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return ref(torch.cat((c, z.reshape(z.shape[0], -1)), 1)[:, :-1])[:, n_cond - 1:]
+    def step(batch: dict) -> float:
+        n = next(steps)
+        out = stage.step(iter([batch]), n)
+        if out.finite:
+            stage.apply(n)
+        return out.logs.get("loss", float("nan"))
 
-    def ours(model: Prior) -> Callable:
-        def fn(c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-            seq = model.training_sequences(c, z)
-            return model(seq.cond, seq.image)
-        return fn
+    return step
 
-    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
-    out = {"reference fp32 (minGPT eager)": make_step(ref, ref_fn, contextlib.nullcontext(), fused=False)}
-    fp32, b16 = copy.deepcopy(prior), copy.deepcopy(prior)
-    out["ours fp32 (SDPA)"] = make_step(fp32, ours(fp32), contextlib.nullcontext())
-    out["ours bf16 autocast"] = make_step(b16, ours(b16), bf16)
+
+def variants(prior: Prior, recipe: PriorRecipe, compile_: bool) -> dict[str, Step]:
+    out = {"reference fp32 (minGPT eager)": reference_step(prior),
+           "ours fp32 (SDPA)": our_step(copy.deepcopy(prior), recipe, "fp32"),
+           "ours bf16 autocast": our_step(copy.deepcopy(prior), recipe, "bf16")}
     if compile_:
-        comp = copy.deepcopy(prior)
-        compiled = torch.compile(comp)
-
-        def comp_fn(c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-            seq = comp.training_sequences(c, z)
-            return compiled(seq.cond, seq.image)
-        out["ours bf16 + torch.compile"] = make_step(comp, comp_fn, bf16)
+        out["ours bf16 + torch.compile"] = our_step(copy.deepcopy(prior), recipe, "bf16", compile_=True)
     return out
 
 
@@ -172,21 +119,24 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.warmup, args.batch = 2, 1, 2
+    recipe = load_recipe(PriorRecipe, QUICKSTART)
+    recipe = replace(recipe, train=replace(recipe.train, batch_size=args.batch))
     torch.manual_seed(0)
-    prior = quickstart_prior().train()
+    prior = quickstart_prior(recipe).train()
     prior.config.pkeep = 1.0  # identical inputs for every variant: no token corruption
     g = torch.Generator().manual_seed(0)
-    c = torch.randint(0, N_LABELS, (args.batch, GRID[0] * GRID[1]), generator=g)
-    z = torch.randint(0, VOCAB, (args.batch, *GRID), generator=g)
-    steps = variants(prior, args.compile)
+    batch = {"keys": [str(i) for i in range(args.batch)],
+             "cond": torch.randint(0, N_LABELS, (args.batch, *GRID), generator=g),
+             "tokens": torch.randint(0, VOCAB, (args.batch, *GRID), generator=g)}
+    steps = variants(prior, recipe, args.compile)
     for fn in steps.values():
         for _ in range(args.warmup):
-            fn(c, z)
+            fn(batch)
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.steps):  # interleaved: load changes on a shared machine hit every variant
         for name, fn in steps.items():
             t0 = time.perf_counter()
-            fn(c, z)
+            fn(batch)
             times[name].append(time.perf_counter() - t0)
     tokens = args.batch * prior.config.gpt.block_size
     cfg = prior.config.gpt

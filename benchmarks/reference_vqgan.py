@@ -28,7 +28,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def normalize(channels: int) -> nn.GroupNorm:
+class ChannelNorm(nn.Module):
+    """``norm: pixel`` written the plain way: mean and variance over dim 1 of NCHW at each pixel,
+    in float32 (what our PixelNorm computes with layer_norm on an NHWC view)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        mean = h.mean(dim=1, keepdim=True)
+        var = h.var(dim=1, unbiased=False, keepdim=True)
+        h = (h - mean) / torch.sqrt(var + self.eps)
+        return (h * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]).to(x.dtype)
+
+
+def normalize(channels: int, norm: str = "group") -> nn.Module:
+    if norm == "pixel":
+        return ChannelNorm(channels)
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
@@ -37,12 +57,12 @@ def nonlinearity(x: torch.Tensor) -> torch.Tensor:
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, norm: str = "group"):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = normalize(in_channels)
+        self.norm1 = normalize(in_channels, norm)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = normalize(out_channels)
+        self.norm2 = normalize(out_channels, norm)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
@@ -59,9 +79,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head attention with the weight matrix materialised: softmax(q^T k / sqrt(C)) v."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm: str = "group"):
         super().__init__()
-        self.norm = normalize(channels)
+        self.norm = normalize(channels, norm)
         self.q = nn.Conv2d(channels, channels, kernel_size=1)
         self.k = nn.Conv2d(channels, channels, kernel_size=1)
         self.v = nn.Conv2d(channels, channels, kernel_size=1)
@@ -99,20 +119,30 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid(channels: int, dropout: float) -> nn.Module:
+def _mid(channels: int, dropout: float, norm: str) -> nn.Module:
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels, dropout)
-    mid.attn_1 = AttnBlock(channels)
-    mid.block_2 = ResnetBlock(channels, channels, dropout)
+    mid.block_1 = ResnetBlock(channels, channels, dropout, norm)
+    mid.attn_1 = AttnBlock(channels, norm)
+    mid.block_2 = ResnetBlock(channels, channels, dropout, norm)
     return mid
 
 
-class Encoder(nn.Module):
+class _Levels(nn.Module):
+    """The reference's ``ddconfig`` keywords shared by encoder and decoder (``channels``: the
+    encoder's input or the decoder's output channels)."""
+
     def __init__(self, *, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
-                 attn_resolutions: tuple[int, ...], in_channels: int, resolution: int,
-                 z_channels: int, dropout: float = 0.0):
+                 attn_resolutions: tuple[int, ...], channels: int, resolution: int,
+                 z_channels: int, dropout: float = 0.0, norm: str = "group"):
         super().__init__()
-        self.num_levels, self.num_res_blocks = len(ch_mult), num_res_blocks
+        self.num_levels, self.num_res_blocks, self.norm = len(ch_mult), num_res_blocks, norm
+        self.build(ch, tuple(ch_mult), attn_resolutions, channels, resolution, z_channels, dropout)
+
+
+class Encoder(_Levels):
+    def build(self, ch: int, ch_mult: tuple[int, ...], attn_resolutions: tuple[int, ...], in_channels: int,
+              resolution: int, z_channels: int, dropout: float) -> None:
+        num_res_blocks = self.num_res_blocks
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
         in_ch_mult = (1,) + tuple(ch_mult)
         res = resolution
@@ -122,16 +152,16 @@ class Encoder(nn.Module):
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             block_in, block_out = ch * in_ch_mult[i], ch * ch_mult[i]
             for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(block_in, block_out, dropout))
+                level.block.append(ResnetBlock(block_in, block_out, dropout, self.norm))
                 block_in = block_out
                 if res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(AttnBlock(block_in, self.norm))
             if i != self.num_levels - 1:
                 level.downsample = Downsample(block_in)
                 res //= 2
             self.down.append(level)
-        self.mid = _mid(block_in, dropout)
-        self.norm_out = normalize(block_in)
+        self.mid = _mid(block_in, dropout, self.norm)
+        self.norm_out = normalize(block_in, self.norm)
         self.conv_out = nn.Conv2d(block_in, z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,32 +178,30 @@ class Encoder(nn.Module):
         return self.conv_out(nonlinearity(self.norm_out(h)))
 
 
-class Decoder(nn.Module):
-    def __init__(self, *, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
-                 attn_resolutions: tuple[int, ...], out_channels: int, resolution: int,
-                 z_channels: int, dropout: float = 0.0):
-        super().__init__()
-        self.num_levels, self.num_res_blocks = len(ch_mult), num_res_blocks
+class Decoder(_Levels):
+    def build(self, ch: int, ch_mult: tuple[int, ...], attn_resolutions: tuple[int, ...], out_channels: int,
+              resolution: int, z_channels: int, dropout: float) -> None:
+        num_res_blocks = self.num_res_blocks
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (self.num_levels - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = _mid(block_in, dropout)
+        self.mid = _mid(block_in, dropout, self.norm)
         levels: list[nn.Module] = []
         for i in reversed(range(self.num_levels)):
             level = nn.Module()
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             block_out = ch * ch_mult[i]
             for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, block_out, dropout))
+                level.block.append(ResnetBlock(block_in, block_out, dropout, self.norm))
                 block_in = block_out
                 if res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(AttnBlock(block_in, self.norm))
             if i != 0:
                 level.upsample = Upsample(block_in)
                 res *= 2
             levels.insert(0, level)  # stored by resolution level, built from the lowest resolution
         self.up = nn.ModuleList(levels)
-        self.norm_out = normalize(block_in)
+        self.norm_out = normalize(block_in, self.norm)
         self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -221,13 +249,13 @@ class VQModel(nn.Module):
     def __init__(self, *, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
                  attn_resolutions: tuple[int, ...], in_channels: int, out_channels: int,
                  resolution: int, z_channels: int, n_embed: int, embed_dim: int,
-                 dropout: float = 0.0, beta: float = 0.25, legacy: bool = True):
+                 dropout: float = 0.0, beta: float = 0.25, legacy: bool = True, norm: str = "group"):
         super().__init__()
         shape = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
                      attn_resolutions=tuple(attn_resolutions), resolution=resolution,
-                     z_channels=z_channels, dropout=dropout)
-        self.encoder = Encoder(in_channels=in_channels, **shape)
-        self.decoder = Decoder(out_channels=out_channels, **shape)
+                     z_channels=z_channels, dropout=dropout, norm=norm)
+        self.encoder = Encoder(channels=in_channels, **shape)
+        self.decoder = Decoder(channels=out_channels, **shape)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta, legacy)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1)

@@ -6,9 +6,10 @@ against the reference's window loop. Every ratio is measured within this one run
                                   [--band-rows N | --full] [--fast-table] [--skip-memory]
 
 (a) 256 tokens after a start token at batch 1 and 8: ours (``sample_sequence``: preallocated
-    key/value cache, SDPA) against a reference-style cached sampler written here after the
-    reference's ``sample_with_past`` / minGPT ``forward_with_past`` (each step concatenates the
-    list of past keys/values with ``torch.cat`` and attends with explicit matmuls and softmax),
+    key/value cache, SDPA) against a reference-style cached sampler: the reference's
+    ``sample_with_past`` written here over minGPT's ``forward_with_past`` (``reference_gpt.py``;
+    each step concatenates the list of past keys/values with ``torch.cat`` and attends with
+    explicit matmuls and softmax),
     loaded with the very same weights; and the plain loop (a full forward per token).
 (b) a labels-conditioned 1280x832 sample (f8: a 160x104 token grid, 8x8-token crop, 64
     conditioning tokens per window) with a random-weight prior:
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import subprocess
 import sys
@@ -41,7 +41,7 @@ import time
 from functools import partial
 
 import torch
-import torch.nn as nn
+from reference_gpt import RefGPT, reference_model  # a sibling script: benchmarks/ is on sys.path
 from torch.nn import functional as F
 
 from vqgan_cli.models.gpt import GPT, GPTConfig
@@ -71,84 +71,7 @@ def build(preset: str, block: int) -> GPT:
                          n_embd=width)).eval()
 
 
-# ---- (a) the reference's cached sampling: minGPT forward_with_past + sample_with_past ---------
-
-
-class RefAttention(nn.Module):
-    """minGPT attention with ``layer_past``: keys/values of the new tokens are concatenated to
-    the past ones with torch.cat; explicit q k^T, mask (first call only), softmax, att @ v."""
-
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        C = cfg.n_embd
-        self.key, self.query, self.value, self.proj = (nn.Linear(C, C) for _ in range(4))
-        self.n_head = cfg.n_head
-        self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size))
-                             .view(1, 1, cfg.block_size, cfg.block_size))
-
-    def forward(self, x: torch.Tensor, layer_past: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        B, T, C = x.shape
-        nh = self.n_head
-        k = self.key(x).view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
-        q = self.query(x).view(B, T, nh, C // nh).transpose(1, 2)
-        v = self.value(x).view(B, T, nh, C // nh).transpose(1, 2)
-        present = torch.stack((k, v))  # (2, B, nh, T, hs)
-        if layer_past is not None:
-            past_key, past_value = layer_past
-            k = torch.cat((past_key, k), dim=-2)
-            v = torch.cat((past_value, v), dim=-2)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-        if layer_past is None:
-            att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf"))
-        att = F.softmax(att, dim=-1)
-        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
-        return self.proj(y), present
-
-
-class RefBlock(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        C = cfg.n_embd
-        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
-        self.attn = RefAttention(cfg)
-        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C), nn.Dropout(0.0))
-
-    def forward(self, x: torch.Tensor, layer_past: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        a, present = self.attn(self.ln1(x), layer_past)
-        x = x + a
-        return x + self.mlp(self.ln2(x)), present
-
-
-class RefGPT(nn.Module):
-    """Parameter names as ours (and minGPT's): loads our GPT's state dict with strict=True."""
-
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.block_size, cfg.n_embd))
-        self.drop = nn.Dropout(0.0)
-        self.blocks = nn.ModuleList(RefBlock(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-
-    def forward_with_past(self, idx: torch.Tensor, past: torch.Tensor | None = None,
-                          past_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """As the reference: ``past`` (n_layer, 2, B, nh, past_length, hs) or None; returns the
-        logits and this call's keys/values (n_layer, 2, B, nh, T, hs)."""
-        x = self.tok_emb(idx)
-        if past is not None:
-            x = x + self.pos_emb[:, past_length, :]
-        else:
-            x = x + self.pos_emb[:, :idx.shape[1], :]
-        x = self.drop(x)
-        presents = []
-        for i, block in enumerate(self.blocks):
-            x, present = block(x, layer_past=past[i] if past is not None else None)
-            presents.append(present)
-        return self.head(self.ln_f(x)), torch.stack(presents)
+# ---- (a) the reference's cached sampling: minGPT forward_with_past (reference_gpt.py) + sample_with_past
 
 
 @torch.no_grad()
@@ -165,12 +88,6 @@ def sample_with_past(x: torch.Tensor, model: RefGPT, steps: int, opts: SamplingO
         x = torch.multinomial(probs, num_samples=1, generator=generator)
         sample = torch.cat((sample, x), dim=1)
     return sample[:, cond_len:]
-
-
-def reference_model(gpt: GPT) -> RefGPT:
-    ref = RefGPT(gpt.cfg).eval()
-    ref.load_state_dict(gpt.state_dict(), strict=True)
-    return ref
 
 
 def _timed(fn) -> tuple[float, object]:  # noqa: ANN001

@@ -32,8 +32,11 @@ from vqgan_cli.data.dataset import VAL_SEED_BASE
 from vqgan_cli.data.landscapes import render_landscape
 from vqgan_cli.data.transforms import image_to_tensor, tensor_to_image
 from vqgan_cli.evaluate.map_agreement import fit_cell_classifier, label_agreement
+from vqgan_cli.images import save_png
 from vqgan_cli.metrics import psnr
-from vqgan_cli.sample.run import UpscaleRequest, load_models, run_upscale
+from vqgan_cli.sample.inputs import load_models
+from vqgan_cli.sample.request import UpscaleRequest
+from vqgan_cli.sample.run import run_upscale
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -66,7 +69,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
             low = Image.fromarray(scene.image).resize((width // args.scale, height // args.scale),
                                                       Image.Resampling.BICUBIC)
             low_path = Path(tmp) / f"low_{seed}.png"
-            low.save(low_path)
+            save_png(low_path, np.asarray(low))
             bicubic = np.asarray(low.resize((width, height), Image.Resampling.BICUBIC))
             with torch.no_grad():
                 _, idx = tok.encode(image_to_tensor(scene.image)[None])
@@ -84,9 +87,9 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 up = np.asarray(Image.open(path).convert("RGB"))
                 add(f"vqgan upscale x{args.scale}", up, scene.image, scene.labels, report.seconds / args.n)
             if args.save_images:
-                Image.fromarray(scene.image).save(Path(args.save_images, f"real_{seed}.png"))
-                low.save(Path(args.save_images, f"low_{seed}.png"))
-                Image.fromarray(bicubic).save(Path(args.save_images, f"bicubic_{seed}.png"))
+                save_png(Path(args.save_images, f"real_{seed}.png"), scene.image)
+                save_png(Path(args.save_images, f"low_{seed}.png"), np.asarray(low))
+                save_png(Path(args.save_images, f"bicubic_{seed}.png"), bicubic)
     return [{"method": k, **{m: statistics.fmean(v) for m, v in r.items()}, "images": len(r["psnr"])}
             for k, r in rows.items()]
 

@@ -7,10 +7,11 @@ For each model configuration it times, in the same process and interleaved round
 
 - ``reference``: ``reference_vqgan.py``, plain eager fp32 NCHW in the reference's style (q/k/v
   1x1 convs + bmm attention, the autoencoder run twice per step);
-- our step (the body of the loop in ``vqgan_cli/train/tokenizer.py``: one autoencoder forward,
-  the discriminator step on the detached reconstruction) as eager fp32 NCHW, channels_last,
-  bf16 autocast (NCHW and channels_last), and bf16 + ``torch.compile`` (``compile_cl``, with
-  channels_last too, runs when named in ``--variants``).
+- our step: the shipped ``TokenizerStage`` of ``vqgan_cli/train/tokenizer.py``, ``stage.step`` +
+  ``stage.apply`` as the training engine calls them (one autoencoder forward, the discriminator
+  step on the detached reconstruction, the non-finite check before each backward), as eager fp32
+  NCHW, channels_last, bf16 autocast (NCHW and channels_last), and bf16 + ``torch.compile``
+  (``compile_cl``, with channels_last too, runs when named in ``--variants``).
 
 Each variant's warm-up steps are excluded; the time reported is the median of ``--steps`` steps,
 and every ratio is reference time / variant time from this same run. The batch is a fixed
@@ -23,13 +24,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
-import importlib.util
 import json
 import logging
-import os
-import platform
-import statistics
+import math
 import sys
 import time
 import warnings
@@ -37,37 +34,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import reference_vqgan as ref  # sibling scripts: benchmarks/ is on sys.path when they run
 import torch
+from step_timing import Result, cpu_name, describe_error, load_average, table
 
 import vqgan_cli.models.lpips as perceptual
-from vqgan_cli import runtime as R
 from vqgan_cli.config import load_recipe
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
-from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.train.loop import accumulate_logs as _accumulate
-from vqgan_cli.train.loop import learning_rate
-from vqgan_cli.train.loop import optimizer_step as _optimizer_step
-from vqgan_cli.train.losses import LossConfig, TokenizerLoss
-from vqgan_cli.train.tokenizer import TokenizerRecipe
+from vqgan_cli.runtime import Runtime
+from vqgan_cli.train.config import TrainConfig
+from vqgan_cli.train.engine import wrap
+from vqgan_cli.train.losses import LossConfig
+from vqgan_cli.train.optim import learning_rate
+from vqgan_cli.train.tokenizer import TokenizerRecipe, TokenizerStage
 
 HERE = Path(__file__).resolve().parent
 QUICKSTART = HERE.parent / "recipes" / "quickstart.yaml"
 CONFIGS = ("quickstart", "f8", "f16")
-
-
-def _load_reference():
-    """``reference_vqgan.py`` beside this file (benchmarks/ is not a package)."""
-    name = "reference_vqgan"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = _load_reference()
+CPU = Runtime(torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,69 +148,27 @@ def shared_lpips(module: torch.nn.Module) -> Iterator[None]:
 
 
 class OursStep:
-    """The body of ``train_tokenizer``'s loop for one process, accumulate 1 (same calls, same order)."""
+    """The shipped stage, one process, accumulate 1: ``stage.step`` then, when finite,
+    ``stage.apply``, exactly as the training engine calls them."""
 
     def __init__(self, bench: Bench, variant: Variant, lpips: torch.nn.Module, seed: int):
+        train = TrainConfig(batch_size=bench.batch, base_lr=bench.base_lr, precision=variant.precision,
+                            channels_last=variant.channels_last, compile=variant.compile)
+        recipe = TokenizerRecipe(model=bench.model, loss=bench.loss, train=train)
         torch.manual_seed(seed)  # every variant starts from the same weights
-        self.variant = variant
-        self.model = VQGAN(bench.model)
-        with shared_lpips(lpips):
-            self.loss_fn = TokenizerLoss(bench.loss, bench.model.modality,
-                                         bench.model.autoencoder.in_channels)
-        if variant.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-            self.loss_fn.to(memory_format=torch.channels_last)
-        lr = learning_rate(bench.base_lr, bench.batch, 1, 1)
-        self.opt_ae = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=lr,
-                                       betas=(0.5, 0.9))
-        self.disc = self.loss_fn.discriminator
-        self.opt_d = (torch.optim.Adam(self.disc.parameters(), lr=lr, betas=(0.5, 0.9))
-                      if self.disc is not None else None)
-        self.train_model: torch.nn.Module = torch.compile(self.model) if variant.compile else self.model
-        self.amp = R.autocast(R.Runtime(torch.device("cpu")), variant.precision)
-        with warnings.catch_warnings():  # "cuda" scaler on a CPU machine: disabled, as in the loop
-            warnings.simplefilter("ignore")
-            self.scaler = torch.amp.GradScaler("cuda", enabled=variant.precision == "fp16")
+        with shared_lpips(lpips), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the "cuda" GradScaler on a CPU: disabled, as in training
+            self.stage = TokenizerStage(recipe, CPU)
+        self.stage.attach(wrap(self.stage.model, CPU, variant.compile))
+        self.model, self.disc = self.stage.model, self.stage.disc
         self.step_count = 0
 
     def __call__(self, batch: torch.Tensor) -> dict:
-        model, core, loss_fn, disc, amp, scaler = (self.model, self.model, self.loss_fn, self.disc,
-                                                   self.amp, self.scaler)
-        step = self.step_count
-        model.train()
-        core.set_step(step)
-        disc_factor = loss_fn.disc_factor_at(step)
-        use_disc = loss_fn.uses_discriminator and disc_factor > 0
-        self.opt_ae.zero_grad(set_to_none=True)
-        if self.opt_d is not None:
-            self.opt_d.zero_grad(set_to_none=True)
-        logs: dict = {}
-        x = batch
-        if self.variant.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with amp:
-            out = self.train_model(x)
-            gl = loss_fn.generator_loss(x, out.x_hat, out.q_loss, step, core.last_layer)
-        finite = bool(torch.isfinite(gl.total))
-        scaler.scale(gl.total).backward()
-        if use_disc:
-            with amp:
-                dl = loss_fn.discriminator_loss(x, out.x_hat.detach(), step)
-            finite = finite and bool(torch.isfinite(dl.total))
-            scaler.scale(dl.total).backward()
-            _accumulate(logs, {"d_loss": dl.total, "logits_real": dl.logits_real,
-                               "logits_fake": dl.logits_fake}, 1)
-        _accumulate(logs, {"loss": gl.total, "nll": gl.nll, "rec": gl.rec, "perceptual": gl.perceptual,
-                           "g_loss": gl.g_loss, "adaptive_weight": gl.adaptive_weight,
-                           "q_loss": gl.q_loss, "perplexity": out.perplexity}, 1)
-        if finite:
-            _optimizer_step(self.opt_ae, model, scaler, None)
-            if use_disc:
-                _optimizer_step(self.opt_d, disc, scaler, None)
-            scaler.update()
+        out = self.stage.step(iter([{"image": batch}]), self.step_count)
+        if out.finite:
+            self.stage.apply(self.step_count)
         self.step_count += 1
-        logs["finite"] = finite
-        return logs
+        return {**out.logs, "finite": out.finite}
 
 
 def reference_model(cfg: TokenizerConfig) -> ref.VQModel:
@@ -237,7 +179,7 @@ def reference_model(cfg: TokenizerConfig) -> ref.VQModel:
                        attn_resolutions=tuple(ae.attn_resolutions), in_channels=ae.in_channels,
                        out_channels=ae.out_channels, resolution=ae.resolution, z_channels=ae.z_channels,
                        n_embed=q.n_embed, embed_dim=q.embed_dim, dropout=ae.dropout, beta=q.beta,
-                       legacy=q.beta_form == "legacy")
+                       legacy=q.beta_form == "legacy", norm=ae.norm)
 
 
 def reference_loss(cfg: LossConfig, in_channels: int,
@@ -287,30 +229,6 @@ def reconstruction_gap(ours: OursStep, reference: ReferenceStep, batch: torch.Te
 # Timing
 
 
-@dataclass
-class Result:
-    config: str
-    variant: str
-    label: str
-    times: list[float] = dataclasses.field(default_factory=list)
-    cpu_times: list[float] = dataclasses.field(default_factory=list)  # process CPU seconds, all threads
-    warmup_s: list[float] = dataclasses.field(default_factory=list)
-    error: str | None = None
-
-    @property
-    def median(self) -> float | None:
-        return statistics.median(self.times) if self.times and self.error is None else None
-
-    @property
-    def cpu_median(self) -> float | None:
-        return statistics.median(self.cpu_times) if self.cpu_times and self.error is None else None
-
-
-def _describe(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}".strip().splitlines()
-    return text[0][:160] if text else type(e).__name__
-
-
 def run_config(bench: Bench, variants: list[Variant], steps: int, warmup: int, compile_warmup: int,
                seed: int, log: Callable[[str], None]) -> tuple[list[Result], float]:
     """Build every variant, check the reference against ours, then time them round-robin."""
@@ -338,7 +256,7 @@ def run_config(bench: Bench, variants: list[Variant], steps: int, warmup: int, c
             try:
                 runners[v.key] = OursStep(bench, v, lpips, seed)
             except Exception as e:  # noqa: BLE001 - report, don't crash the whole benchmark
-                results[v.key].error = _describe(e)
+                results[v.key].error = describe_error(e)
 
     def one(key: str, timed: bool) -> None:
         res = results[key]
@@ -349,10 +267,10 @@ def run_config(bench: Bench, variants: list[Variant], steps: int, warmup: int, c
             logs = runners[key](batch)
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         except Exception as e:  # noqa: BLE001 - e.g. torch.compile failing on this machine
-            res.error = _describe(e)
+            res.error = describe_error(e)
             log(f"  {bench.name}/{key}: failed ({res.error})")
             return
-        if not all(bool(torch.isfinite(torch.tensor(float(val)))) for val in logs.values()):
+        if logs.get("finite") is False or not all(math.isfinite(float(val)) for val in logs.values()):
             log(f"  {bench.name}/{key}: non-finite loss in this step ({logs})")
         if timed:
             res.times.append(dt)
@@ -379,45 +297,6 @@ def run_config(bench: Bench, variants: list[Variant], steps: int, warmup: int, c
         for key in order:
             one(key, timed=True)
     return [results[k] for k in keys], gap
-
-
-# ---------------------------------------------------------------------------------------------
-# Report
-
-
-def table(results: list[Result], benches: dict[str, Bench]) -> str:
-    rows = [("config", "batch", "variant", "s/step", "images/s", "vs reference", "cpu s/step")]
-    for res in results:
-        bench = benches[res.config]
-        base = next((r.median for r in results if r.config == res.config and r.variant == "reference"), None)
-        if res.error is not None:
-            rows.append((res.config, str(bench.batch), res.label, "failed", "-", "n/a (see below)", "-"))
-            continue
-        m = res.median
-        ratio = f"{base / m:.2f}x" if base and m else "n/a"
-        rows.append((res.config, str(bench.batch), res.label, f"{m:.3f}", f"{bench.batch / m:.1f}", ratio,
-                     f"{res.cpu_median:.3f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -466,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"VQGAN tokenizer training step: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{cpu_name()}, CPU")
-    print(f"load average before: {_load()} (other busy processes on this machine distort timings)")
+    print(f"load average before: {load_average()} (other busy processes on this machine distort timings)")
     print("s/step: median wall-clock seconds; vs reference: reference s/step / variant s/step; "
           "cpu s/step: median process CPU seconds (all threads)")
     print(f"median of {steps} timed step(s) after {warmup} warm-up step(s) "
@@ -491,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         all_results += results
 
     print()
-    print(f"load average after: {_load()}")
-    print(table(all_results, benches))
+    print(f"load average after: {load_average()}")
+    print(table(all_results, {name: b.batch for name, b in benches.items()}))
     failed = [r for r in all_results if r.error]
     for r in failed:
         print(f"note: {r.config}/{r.variant} failed: {r.error}")

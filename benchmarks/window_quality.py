@@ -45,12 +45,13 @@ from PIL import Image
 from vqgan_cli.data.landscapes import render_landscape
 from vqgan_cli.data.transforms import image_to_tensor
 from vqgan_cli.evaluate.map_agreement import CellClassifier, fit_cell_classifier, label_agreement
-from vqgan_cli.images import to_uint8
+from vqgan_cli.images import save_png, to_uint8
 from vqgan_cli.metrics import band_score, period_amplitude, seam_ratio
 from vqgan_cli.runtime import resolve_device
 from vqgan_cli.sample.decode import decode_grid
 from vqgan_cli.sample.inputs import crop_grid, load_models
-from vqgan_cli.sample.run import SampleRequest, run_sample
+from vqgan_cli.sample.request import SampleRequest
+from vqgan_cli.sample.run import run_sample
 
 COLUMNS = ("agreement", "band", "token", "seam", "s/img")
 HEADERS = ("agreement", "band / real", "token / real", "seam", "s/img")
@@ -208,8 +209,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rec = to_uint8(decode_grid(tok, idx).image[0].cpu())
         rec_rows.append(measure(rec, scene.labels, scene.image))
         if save:
-            Image.fromarray(scene.image).save(save / f"real_seed{s}.png")
-            Image.fromarray(rec).save(save / f"reconstruction_seed{s}.png")
+            save_png(save / f"real_seed{s}.png", scene.image)
+            save_png(save / f"reconstruction_seed{s}.png", rec)
 
     out_rows = [{"name": "real render (ceiling)", **{c: _mean(real_rows, c) for c in COLUMNS[:-1]},
                  "per_seed": real_rows},
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 per_seed.append(row)
                 if save:
                     name = _label(combo).replace(" ", "_").replace("=", "")
-                    Image.fromarray(img).save(save / f"{name}_seed{s}.png")
+                    save_png(save / f"{name}_seed{s}.png", img)
             out_rows.append({"name": _label(combo), **combo, **{c: _mean(per_seed, c) for c in COLUMNS},
                              "per_seed": per_seed})
             print(f"  {_label(combo)}: agreement {out_rows[-1]['agreement']:.4f}, "

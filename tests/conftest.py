@@ -1,4 +1,11 @@
-"""Every test writes only into temporary folders; example data comes from VQGAN_EXAMPLES."""
+"""Every test writes only into temporary folders; example data comes from VQGAN_EXAMPLES.
+
+The tests mirror the package layout (tests/checkpoints/ for vqgan_cli/checkpoints/, ...). Their
+folders have no ``__init__.py``: in pytest's default ``prepend`` import mode this file's folder,
+tests/, is put on ``sys.path``, so any test imports the shared ``factory`` (every tiny model,
+checkpoint, shard folder and recipe) and ``official_files`` (official-release files) by name;
+test file basenames stay unique across folders for the same reason.
+"""
 
 from __future__ import annotations
 

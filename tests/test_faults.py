@@ -22,18 +22,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_encode import SIZE, shard_hashes, tiny
-from test_train_prior import TINY as PRIOR_TINY
-from test_train_prior import make_shards
-from test_train_tokenizer import TINY as TOKENIZER_TINY
+from factory import PRIOR_RECIPE as PRIOR_TINY
+from factory import TOKENIZER_RECIPE as TOKENIZER_TINY
+from factory import prior, saved_prior, saved_tokenizer, shard_hashes, token_shards, tokenizer
 from typer.testing import CliRunner
 
 from vqgan_cli.checkpoints.format import read_weights
-from vqgan_cli.checkpoints.load import save_tokenizer
-from vqgan_cli.cli import _without_worker_traceback, app
+from vqgan_cli.cli import app
+from vqgan_cli.cli.guard import _without_worker_traceback
 from vqgan_cli.shards.format import MANIFEST, ShardError, TokenShardDataset, shard_name
 
 runner = CliRunner()
+SIZE = 16  # encode-dataset at 16 px with an f = 4 tokenizer: 4x4 tokens per image
 
 
 @pytest.fixture
@@ -88,7 +88,8 @@ def dot_files(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Path:
-    return save_tokenizer(tmp_path_factory.mktemp("tok") / "tok.safetensors", tiny(0))
+    return saved_tokenizer(tmp_path_factory.mktemp("tok") / "tok.safetensors", resolution=SIZE, ch_mult=(1, 2, 2),
+                           attn_resolutions=(), n_embed=64, spread=True)
 
 
 def encode_args(tok: Path, out: Path, limit: int = 120, shard_size: int = 40) -> list[str]:
@@ -215,7 +216,7 @@ def fail_step4_torch_save(monkeypatch, code: int) -> None:
     (errno.EMFILE, "too many open files in this process (EMFILE)", "raise the open-file limit (ulimit -n 4096)"),
 ])
 def test_injected_write_failures_are_named_and_resume_exactly(tmp_path, monkeypatch, code, cause, remedy):
-    shards = make_shards(tmp_path / "shards")
+    shards = token_shards(tmp_path / "shards")
     run = tmp_path / "run"
     recipe = prior_recipe(tmp_path, shards, run)
     fail_step4_torch_save(monkeypatch, code)
@@ -236,7 +237,7 @@ def test_injected_write_failures_are_named_and_resume_exactly(tmp_path, monkeypa
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
-    shards = make_shards(tmp_path / "shards")
+    shards = token_shards(tmp_path / "shards")
     recipe = prior_recipe(tmp_path, shards, tmp_path / "run")
     fail_step4_torch_save(monkeypatch, errno.EIO)
     plain = cli("train-prior", recipe)
@@ -250,7 +251,7 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
 
 def test_start_warning_states_what_training_will_write(tmp_path, monkeypatch):
     """With too little room (disk_usage faked), the warning's numbers match the files written."""
-    shards = make_shards(tmp_path / "shards")
+    shards = token_shards(tmp_path / "shards")
     run = tmp_path / "run"
     monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10**6, used=10**6 - 1000, free=1000))
     res = cli("train-prior", prior_recipe(tmp_path, shards, run, keep_last=2))
@@ -341,7 +342,7 @@ def test_altered_shard_is_refused_then_repaired_and_the_run_resumes_exactly(tok,
 
 
 def test_shards_are_checked_the_first_time_a_reader_opens_them(tmp_path):
-    root = make_shards(tmp_path / "s", n=8, per_shard=4, cond_vocab=None)
+    root = token_shards(tmp_path / "s", n=8, per_shard=4, cond_vocab=None)
     ds = TokenShardDataset(root, shuffle=False)
     assert len(list(ds)) == 8  # both shards checked and read
     alter_one_token(root / shard_name(1), 32)
@@ -385,25 +386,11 @@ def test_shard_check_benchmark_runs(tmp_path):
 @pytest.fixture(scope="module")
 def sos_prior(tmp_path_factory) -> Path:
     """A tiny unconditional prior (4x4 tokens) over a tiny f2 tokenizer, random weights."""
-    from vqgan_cli.checkpoints.format import weights_sha256
-    from vqgan_cli.checkpoints.load import save_prior
-    from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
-    from vqgan_cli.models.gpt import GPTConfig
-    from vqgan_cli.models.prior import CondConfig, Prior, PriorConfig
-    from vqgan_cli.models.vqgan import VQGAN
-
     d = tmp_path_factory.mktemp("sampler")
-    torch.manual_seed(0)
-    ae = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_channels=8, resolution=8)
-    tok = VQGAN(TokenizerConfig(autoencoder=ae, quantizer=QuantizerConfig(n_embed=16, embed_dim=8))).eval()
-    save_tokenizer(d / "tok.safetensors", tok)
-    prior = Prior(PriorConfig(gpt=GPTConfig(vocab_size=16, block_size=16, n_layer=1, n_head=2, n_embd=32),
-                              cond=CondConfig(kind="sos"), grid=(4, 4), image_vocab=16)).eval()
-    with torch.no_grad():
-        for p in prior.gpt.parameters():
-            p.normal_(0, 0.3)
-    info = {"tokenizer": str(d / "tok.safetensors"), "tokenizer_sha256": weights_sha256(tok.state_dict())}
-    return save_prior(d / "sos.safetensors", prior, info)
+    tok = tokenizer(resolution=8, attn_resolutions=())
+    saved_tokenizer(d / "tok.safetensors", tok)
+    return saved_prior(d / "sos.safetensors", prior("sos", image_vocab=16, seed=1, spread=0.3), tokenizer_model=tok,
+                       tokenizer_path=str(d / "tok.safetensors"))
 
 
 def sample_args(prior: Path, out: Path, *extra: str) -> list[str]:

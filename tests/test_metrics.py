@@ -62,18 +62,19 @@ def test_ssim_identical_and_constant_images():
 
 def test_codebook_perplexity_and_usage():
     idx = torch.tensor([[0, 0], [1, 1]])
-    assert codebook_perplexity(idx, 4).item() == pytest.approx(2.0)
-    assert codebook_usage(idx, 4) == 0.5
+    assert codebook_perplexity(code_counts(idx, 4)) == pytest.approx(2.0)
+    assert codebook_usage(code_counts(idx, 4)) == 0.5
     uniform = torch.arange(8).repeat(3)
-    assert codebook_perplexity(uniform, 8).item() == pytest.approx(8.0, rel=1e-6)
-    assert codebook_usage(uniform, 8) == 1.0
+    assert codebook_perplexity(code_counts(uniform, 8)) == pytest.approx(8.0, rel=1e-12)
+    assert codebook_usage(code_counts(uniform, 8)) == 1.0
     skewed = torch.tensor([2, 2, 2, 5])  # p = (3/4, 1/4)
     h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
-    assert codebook_perplexity(skewed, 16).item() == pytest.approx(math.exp(h), rel=1e-6)
-    assert codebook_usage(skewed, 16) == 2 / 16
+    assert codebook_perplexity(code_counts(skewed, 16)) == pytest.approx(math.exp(h), rel=1e-12)
+    assert codebook_usage(code_counts(skewed, 16)) == 2 / 16
     assert code_counts(skewed, 6).tolist() == [0, 0, 3, 0, 0, 1]
+    assert codebook_perplexity(torch.zeros(4, dtype=torch.long)) == 1.0  # no codes: exp(0)
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
-        codebook_usage(torch.tensor([4]), 4)
+        code_counts(torch.tensor([4]), 4)
 
 
 # --- band and seam detectors (sliding-window artefacts), on images with known answers ---

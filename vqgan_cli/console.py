@@ -107,3 +107,13 @@ def summary_table(title: str, rows: dict[str, Any]) -> Table:
             v = f"{v:.4g}"
         table.add_row(k, str(v))
     return table
+
+
+def print_rows(title: str, rows: list[tuple[str, ...]], header: bool = True) -> None:
+    """A table whose first row names the columns (shown when ``header``)."""
+    table = Table(title=title, show_header=header)
+    for i, name in enumerate(rows[0]):
+        table.add_column(name, style="bold" if not header and i == 0 else None, overflow="fold")
+    for row in rows[1:]:
+        table.add_row(*row)
+    console.print(table)

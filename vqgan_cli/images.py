@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vqgan_cli.faults import naming
+from vqgan_cli.checkpoints.format import atomic_write
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -42,10 +42,20 @@ def displayable(x: torch.Tensor, modality: str) -> torch.Tensor:
     return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
 
 
+def save_png(path: str | Path, image: torch.Tensor | np.ndarray) -> Path:
+    """The one PNG writer: (C,H,W) in [-1,1] or uint8 (H,W,3). No timestamps, so equal pixels
+    give equal bytes; atomic, so an interrupted run never leaves half an image; readable by all."""
+    pixels = to_uint8(image) if isinstance(image, torch.Tensor) else np.asarray(image, np.uint8)
+
+    def write(tmp: Path) -> None:
+        Image.fromarray(pixels).save(tmp, format="PNG")
+        tmp.chmod(0o644)  # mkstemp's 0600 would hide the image from other users
+
+    return atomic_write(path, write)
+
+
 def save_grid(path: str | Path, rows: list[torch.Tensor], pad: int = 2) -> Path:
     """Save rows of (B,3,H,W) images in [-1,1] as one PNG (e.g. inputs above reconstructions)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = [to_uint8(r) for r in rows]
     n = max(a.shape[0] for a in arrays)
     h, w = arrays[0].shape[1:3]
@@ -54,6 +64,4 @@ def save_grid(path: str | Path, rows: list[torch.Tensor], pad: int = 2) -> Path:
         for j in range(a.shape[0]):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             canvas[y:y + h, x:x + w] = a[j]
-    with naming(path):
-        Image.fromarray(canvas).save(path)
-    return path
+    return save_png(path, canvas)

@@ -46,17 +46,16 @@ def code_counts(indices: torch.Tensor, n_embed: int) -> torch.Tensor:
     return torch.bincount(flat, minlength=n_embed)
 
 
-def codebook_perplexity(indices: torch.Tensor, n_embed: int) -> torch.Tensor:
-    """``exp(entropy)`` of code frequencies: the effective number of codes in use (1..n_embed)."""
-    counts = code_counts(indices, n_embed).double()
-    p = counts / counts.sum().clamp_min(1.0)
-    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum()  # 0 * log 0 counts as 0
-    return torch.exp(entropy).float()
+def codebook_perplexity(counts: torch.Tensor) -> float:
+    """``exp(entropy)`` of a code histogram (:func:`code_counts`, summed over a data set): the
+    effective number of codes in use, 1..n. In float64, so a large codebook's rare codes count."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    return float(torch.exp(-torch.special.xlogy(p, p).sum()))  # 0 * log 0 counts as 0
 
 
-def codebook_usage(indices: torch.Tensor, n_embed: int) -> float:
-    """Share of the codebook that appears at least once in ``indices`` (dead codes lower it)."""
-    return float((code_counts(indices, n_embed) > 0).sum()) / n_embed
+def codebook_usage(counts: torch.Tensor) -> float:
+    """Share of the codes in a histogram (:func:`code_counts`) used at least once (dead codes lower it)."""
+    return float((counts > 0).double().mean())
 
 
 def as_uint8_image(image: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -102,14 +102,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def all_reduce_mean(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """Mean over processes (identity in a single process)."""
-    if rt.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= rt.world_size
-    return t
-
-
 def any_rank(flag: bool, rt: Runtime) -> bool:
     """True on every rank when it is true on any rank (keeps decisions in lockstep)."""
     if not rt.distributed:

@@ -58,7 +58,7 @@ def _refusals(model: VQGAN) -> list[str]:
     if ae.ch_mult[0] != 1:
         why.append(f"model.autoencoder.ch_mult: starts with {ae.ch_mult[0]}, VQModel's first level keeps "
                    "conv_in's width (the first multiplier must be 1)")
-    if hasattr(model.quantize, "used"):
+    if q.n_used is not None:
         why.append("the tokenizer remaps its indices (an official release's 'used' codes); VQModel's "
                    "remap reads a file path: export the tokenizer without remapping")
     return why

@@ -29,11 +29,11 @@ def tokenizer_summary(tok: VQGAN) -> dict[str, Any]:
                          "attn_resolutions": list(ae.attn_resolutions), "z_channels": ae.z_channels,
                          "in_channels": ae.in_channels, "resolution": ae.resolution, "factor": tok.factor},
         "codebook": {"quantizer": q.kind, "n_embed": q.n_embed, "embed_dim": q.embed_dim,
-                     "tokens": int(getattr(tok.quantize, "n_tokens", q.n_embed))},
+                     "tokens": tok.n_tokens},
         "parameters": _params(tok),
     }
-    if hasattr(tok.quantize, "used"):
-        out["codebook"]["remap"] = f"{tok.quantize.used.numel()} used entries (quantize.used)"
+    if q.n_used is not None:
+        out["codebook"]["remap"] = f"{q.n_used} used entries (quantize.used)"
     if cfg.modality == "segmentation":
         out["n_labels"] = cfg.n_labels
     return out

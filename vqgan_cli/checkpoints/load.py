@@ -1,33 +1,26 @@
-"""One door for every model file: ``load_tokenizer`` / ``load_prior`` / ``convert_checkpoint``.
+"""Loading and saving both stages: ``load_tokenizer`` / ``load_prior`` / ``save_*``.
 
 Both loaders take our safetensors checkpoints (self-describing: the config is in the file) and
 official ``.ckpt`` files (read by :mod:`vqgan_cli.checkpoints.official.unpickler`, so no pickled code runs;
 architecture from the shapes, or from the model's YAML checked against them). An official
 Net2NetTransformer file also serves as a tokenizer: its ``first_stage_model`` is the image
-tokenizer the prior was trained with.
-
-``convert_checkpoint`` writes an official file in our format. Kept: the inference weights,
-unchanged, so the converted model computes bit for bit what the source computes. Dropped
-unless ``keep_training_state``: ``loss.*`` (discriminator, LPIPS), the display-only
-``colorize`` buffer and the optimiser states; with it they go to ``<out>.training.safetensors``
-(tensors flattened to dotted keys; non-tensor values such as ``step`` or ``param_groups`` in
-its ``info`` metadata), kept for inspection or a hand-made resume, never needed to sample.
-A transformer converts to two files: the prior at ``out`` and its first-stage tokenizer at
-``<out>.tokenizer.safetensors`` (named, with its weight hash, in the prior's ``info``).
+tokenizer the prior was trained with. Writing an official file in our format:
+:mod:`vqgan_cli.checkpoints.convert`.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vqgan_cli.checkpoints.format import CheckpointError, read_weights, save_weights, weights_sha256
+from vqgan_cli.checkpoints.format import CheckpointError, read_weights, save_weights
 from vqgan_cli.checkpoints.official.common import read_model_yaml, split_prefix, strict_load
 from vqgan_cli.checkpoints.official.prior import build_prior, is_transformer_state
-from vqgan_cli.checkpoints.official.tokenizer import build_tokenizer, install_remap, remap_setting
-from vqgan_cli.checkpoints.official.unpickler import RawCheckpoint, load_official_checkpoint
+from vqgan_cli.checkpoints.official.tokenizer import build_tokenizer
+from vqgan_cli.checkpoints.official.unpickler import load_official_checkpoint
 from vqgan_cli.checkpoints.resolve import label_shift_for, read_yaml_file, resolve_model
 from vqgan_cli.config import ConfigError, from_dict, to_dict
 from vqgan_cli.models.config import TokenizerConfig
@@ -68,12 +61,15 @@ def _config(cls: type, data: dict, path: Path) -> Any:
         raise CheckpointError(f"{path}: invalid stored config: " + "; ".join(e.problems)) from None
 
 
-def _our_tokenizer(state: dict[str, torch.Tensor], cfg: TokenizerConfig, unknown_index: Any,
-                   prefix: str = "") -> VQGAN:
-    model = VQGAN(cfg)
-    if f"{prefix}quantize.used" in state:
-        install_remap(model, state[f"{prefix}quantize.used"], unknown_index)
-    return model
+def _legacy_remap(cfg: TokenizerConfig, state: dict[str, torch.Tensor], unknown_index: Any,
+                  prefix: str = "") -> TokenizerConfig:
+    """Files written before the remap was a quantizer option: ``quantize.used`` without
+    ``n_used`` in the config, ``unknown_index`` in ``info``."""
+    used = state.get(f"{prefix}quantize.used")
+    if used is None or cfg.quantizer.n_used is not None:
+        return cfg
+    q = replace(cfg.quantizer, n_used=used.numel(), unknown_index=unknown_index)
+    return replace(cfg, quantizer=q)
 
 
 def load_tokenizer(path: str | Path, config: str | Path | dict | None = None,
@@ -82,7 +78,8 @@ def load_tokenizer(path: str | Path, config: str | Path | dict | None = None,
 
     ``config``: the official model's YAML (path or mapping), checked against the weights.
     ``resolution``: training resolution of an official model without YAML (default 256); it
-    only decides where attention layers sit. ``unknown_index``: see ``official_tokenizer``.
+    only decides where attention layers sit. ``unknown_index``: the token of a code an official
+    remapped tokenizer's table lacks (see :mod:`vqgan_cli.models.quantizers`).
     A diffusers ``VQModel`` folder (ours exported, or one diffusers saved) loads too.
     """
     from vqgan_cli.checkpoints.diffusers import is_diffusers_folder, load_diffusers_tokenizer
@@ -93,8 +90,9 @@ def load_tokenizer(path: str | Path, config: str | Path | dict | None = None,
     path, config = r.path, (config if isinstance(config, dict) else r.config)
     if is_safetensors(path):
         state, cfg_dict, info = _ours(path, TOKENIZER_FORMAT, config)
-        model = _our_tokenizer(state, _config(TokenizerConfig, cfg_dict, path),
-                               info.get("unknown_index", unknown_index))
+        cfg = _legacy_remap(_config(TokenizerConfig, cfg_dict, path), state,
+                            info.get("unknown_index", unknown_index))
+        model = VQGAN(cfg)
         strict_load(model, state, str(path))
         return model.eval()
     raw = load_official_checkpoint(path)
@@ -129,11 +127,11 @@ def load_prior(path: str | Path, config: str | Path | dict | None = None, *,
             permuter = build_order(cfg, state)
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
-        cond_tok = None
-        if cfg.cond.kind == "spatial":
-            cond_tok = _our_tokenizer(state, cfg.cond.tokenizer,
-                                      info.get("cond_unknown_index", unknown_index), "cond_tokenizer.")
-        prior = Prior(cfg, permuter=permuter, cond_tokenizer=cond_tok)
+        if cfg.cond.kind == "spatial" and cfg.cond.tokenizer is not None:
+            cfg.cond.tokenizer = _legacy_remap(cfg.cond.tokenizer, state,
+                                               info.get("cond_unknown_index", unknown_index),
+                                               "cond_tokenizer.")
+        prior = Prior(cfg, permuter=permuter)
         strict_load(prior, state, str(path))
         return prior.eval()
     raw = load_official_checkpoint(path)
@@ -143,11 +141,11 @@ def load_prior(path: str | Path, config: str | Path | dict | None = None, *,
     model_yaml, yname = read_model_yaml(config)
     prior = build_prior(raw.state_dict, str(path), model_yaml, yname, n_head, cond_kind,
                         n_classes, resolution, unknown_index).prior
-    _set_label_shift(prior, config)
+    set_label_shift(prior, config)
     return prior
 
 
-def _set_label_shift(prior: Prior, config: str | Path | dict | None) -> None:
+def set_label_shift(prior: Prior, config: str | Path | dict | None) -> None:
     """The release's label convention for segmentation maps (its data config), on the prior."""
     tok = prior.cond_tokenizer
     if tok is not None and tok.config.modality == "segmentation":
@@ -157,74 +155,9 @@ def _set_label_shift(prior: Prior, config: str | Path | dict | None) -> None:
 
 def save_tokenizer(path: str | Path, model: VQGAN, info: dict | None = None) -> Path:
     """Write a tokenizer in our format (atomically); the config goes into the file."""
-    meta = dict(info or {})
-    if (remap := remap_setting(model)) is not None:
-        meta["unknown_index"] = remap
-    return save_weights(path, model.state_dict(), TOKENIZER_FORMAT, to_dict(model.config), meta)
+    return save_weights(path, model.state_dict(), TOKENIZER_FORMAT, to_dict(model.config), dict(info or {}))
 
 
 def save_prior(path: str | Path, prior: Prior, info: dict | None = None) -> Path:
     """Write a prior in our format (atomically): GPT, permuter buffers, conditioning tokenizer."""
-    meta = dict(info or {})
-    if prior.cond_tokenizer is not None and (remap := remap_setting(prior.cond_tokenizer)) is not None:
-        meta["cond_unknown_index"] = remap
-    return save_weights(path, prior.state_dict(), PRIOR_FORMAT, to_dict(prior.config), meta)
-
-
-def _side_file(out: Path, tag: str) -> Path:
-    return out.with_name(out.name.removesuffix(".safetensors") + f".{tag}.safetensors")
-
-
-def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """Move tensors of a nested structure into ``tensors`` (dotted keys); JSON-able rest."""
-    if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().clone()  # own storage: safetensors refuses shared ones
-        return {"tensor": prefix}
-    if isinstance(obj, dict):
-        return {str(k): _flatten(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return repr(obj)
-
-
-def _save_training_state(out: Path, dropped: dict[str, torch.Tensor], raw: RawCheckpoint) -> Path:
-    tensors = {k: v.detach().clone() for k, v in dropped.items()}
-    rest = {k: _flatten(v, k, tensors) for k, v in raw.extra.items()
-            if k in ("optimizer_states", "lr_schedulers")}
-    target = _side_file(out, "training")
-    save_weights(target, tensors, TRAINING_FORMAT, {}, {"global_step": raw.global_step, **rest})
-    return target
-
-
-def convert_checkpoint(src: str | Path, out: str | Path, config: str | Path | dict | None = None,
-                       keep_training_state: bool = False, *, n_head: int | None = None,
-                       cond_kind: str | None = None, n_classes: int | None = None,
-                       resolution: int | None = None, unknown_index: int | str = "random") -> Path:
-    """Write an official tokenizer or transformer ``.ckpt`` in our format; returns ``out``."""
-    r = resolve_model(src, config)
-    src, out, config = r.path, Path(out), (config if isinstance(config, dict) else r.config)
-    if is_safetensors(src):
-        raise CheckpointError(f"{src}: already in our format (nothing to convert)")
-    raw = load_official_checkpoint(src)
-    model_yaml, yname = read_model_yaml(config)
-    info: dict[str, Any] = {"converted_from": src.name, "global_step": raw.global_step}
-    if is_transformer_state(raw.state_dict):
-        built = build_prior(raw.state_dict, str(src), model_yaml, yname, n_head, cond_kind,
-                            n_classes, resolution, unknown_index)
-        _set_label_shift(built.prior, config)
-        tok_path = _side_file(out, "tokenizer")
-        save_tokenizer(tok_path, built.tokenizer, dict(info))
-        info.update(tokenizer=tok_path.name,
-                    tokenizer_sha256=weights_sha256(built.tokenizer.state_dict()))
-        save_prior(out, built.prior, info)
-        dropped = built.dropped
-    else:
-        tok = build_tokenizer(raw.state_dict, str(src), model_yaml, yname, resolution, "",
-                              unknown_index)
-        save_tokenizer(out, tok.model, info)
-        dropped = tok.dropped
-    if keep_training_state:
-        _save_training_state(out, dropped, raw)
-    return out
+    return save_weights(path, prior.state_dict(), PRIOR_FORMAT, to_dict(prior.config), dict(info or {}))

@@ -23,7 +23,7 @@ import yaml
 from vqgan_cli.checkpoints.format import CheckpointError
 
 CONFIG_HINT = ("the release keeps it in the run folder as configs/<date>-project.yaml, beside "
-               "checkpoints/last.ckpt; pass it with --config PATH")
+               "checkpoints/last.ckpt; pass it with `config` PATH")
 _MAX_FOUND = 12
 
 
@@ -98,7 +98,7 @@ def resolve_model(name: str | Path, config: str | Path | dict | None = None) -> 
     """The checkpoint file and YAML that ``name`` (file or run folder) and ``--config`` mean."""
     path = Path(name)
     if config is not None and not isinstance(config, dict) and not Path(config).is_file():
-        raise CheckpointError(f"{config}: config file not found (--config)")
+        raise CheckpointError(f"{config}: config file not found (`config`)")
     if path.is_dir():
         ckpt = _folder_checkpoint(path)
         run: Path | None = path
@@ -108,7 +108,7 @@ def resolve_model(name: str | Path, config: str | Path | dict | None = None) -> 
         raise CheckpointError(f"{path}: checkpoint file not found")
     if not is_official_file(ckpt):
         if config is not None:
-            raise CheckpointError(f"{ckpt}: our checkpoints carry their own config; drop --config")
+            raise CheckpointError(f"{ckpt}: our checkpoints carry their own config; drop `config`")
         note = f"{path}: using {ckpt}" if ckpt != path else None
         return Resolved(ckpt, None, "inside the file", note)
     if isinstance(config, dict):
@@ -123,11 +123,6 @@ def resolve_model(name: str | Path, config: str | Path | dict | None = None) -> 
         note = f"{ckpt}: config {used}{others}"
         return Resolved(ckpt, used, "run folder", note)
     return Resolved(ckpt, None, "none", None)
-
-
-def need_config_message(ckpt: Path, what: str) -> str:
-    """The error for an official file that needs its YAML: what is missing and where it lives."""
-    return f"{ckpt}: {what} cannot be read from the weights; it needs the model's YAML: {CONFIG_HINT}"
 
 
 def read_yaml_file(path: str | Path | None) -> dict:

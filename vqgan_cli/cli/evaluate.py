@@ -2,81 +2,53 @@
 
 from __future__ import annotations
 
-import csv
-import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from vqgan_cli.cli.guard import run_guarded, stop
+from vqgan_cli.cli.options import Device
 from vqgan_cli.console import console
 
 app = typer.Typer(no_args_is_help=True, help="Measure tokenizers (rFID, PSNR, SSIM, LPIPS, usage), "
                                              "sample folders (FID, KID, IS) and priors (bits per token).")
 
-Device = Annotated[str, typer.Option(help="auto | cpu | cuda")]
 Out = Annotated[Path, typer.Option(help="folder for metrics.json (and per-image CSV)")]
 InceptionOpt = Annotated[Path | None, typer.Option(
     "--inception-weights", help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
                                 "(default: $TORCH_HOME/hub/checkpoints/)")]
 
 
-def _guard(fn, setting: str = "--out") -> None:  # noqa: ANN001
-    from vqgan_cli.cli import _stop, run_guarded
-    from vqgan_cli.evaluate.inception import EvaluationError
-
-    def go() -> None:
-        try:
-            fn()
-        except (EvaluationError, ValueError) as e:
-            raise _stop(e, str(e), 2) from None
-
-    run_guarded(go, setting)
-
-
-def _write(out: Path, payload: dict[str, Any], rows: list[dict[str, Any]] | None = None) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    if rows:
-        with open(out / "per_image.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-
-
-def _report(out: Path, title: str, res: Any, rows: list[dict[str, Any]] | None = None) -> None:
-    """metrics.json (and per_image.csv), the summary table, and where the files went."""
-    _write(out, res.to_json(), rows)
-    _table(title, res.metrics, res.notes, getattr(res, "skipped", []))
-    wrote = f"{out / 'metrics.json'}" + (f" and {out / 'per_image.csv'}" if rows else "")
-    console.print(f"wrote {wrote}", soft_wrap=True)
-
-
-def _table(title: str, metrics: dict[str, float], notes: list[str], skipped: list[str]) -> None:
+def _run(job: Callable[[], Any], title: str) -> None:
+    """Run one evaluation job under the CLI's error boundary (a bad value: exit 2), then print
+    its table, notes, warnings and the files it wrote."""
     from rich.table import Table
 
+    def go() -> Any:
+        try:
+            return job()
+        except ValueError as e:
+            raise stop(e, str(e), 2) from None
+
+    done = run_guarded(go)
     t = Table(title=title)
     t.add_column("metric")
     t.add_column("value", justify="right")
-    for k, v in metrics.items():
+    for k, v in done.result.metrics.items():
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     console.print(t)
-    for n in notes:
+    for n in done.result.notes:
         console.print(f"[dim]note:[/] {n}", soft_wrap=True)
+    for w in done.warnings:
+        console.print(f"[yellow]{w}[/]", soft_wrap=True)
+    skipped = getattr(done.result, "skipped", [])
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} unreadable file(s):[/]")
         for s in skipped:
             console.print(f"  {s}", soft_wrap=True)
-
-
-def _precision(precision: str, dev) -> str:  # noqa: ANN001
-    import torch
-
-    if precision == "auto":
-        return "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
-    return precision
+    console.print(f"wrote {' and '.join(str(p) for p in done.written)}", soft_wrap=True)
 
 
 @app.command("tokenizer")
@@ -99,32 +71,11 @@ def tokenizer_cmd(
     """Reconstruction quality of a tokenizer over a data set: L1, PSNR, SSIM, LPIPS, codebook usage
     and perplexity, rFID. Writes metrics.json and per_image.csv."""
 
-    def go() -> None:
-        from vqgan_cli.checkpoints.load import load_tokenizer
-        from vqgan_cli.evaluate.inception import Inception, check_inception_weights
-        from vqgan_cli.evaluate.tokenizer import evaluate_tokenizer
-        from vqgan_cli.models.lpips import PerceptualWeightsMissing, build_lpips, check_lpips_available
-        from vqgan_cli.runtime import resolve_device
+    from vqgan_cli.evaluate.commands import tokenizer_job
 
-        if fid:  # before any work
-            check_inception_weights(inception_weights)
-        dev = resolve_device(device)
-        model = load_tokenizer(tokenizer, config=str(config) if config else None)
-        perceptual = None
-        if lpips != "none" and model.config.modality == "image":
-            try:
-                check_lpips_available(lpips)
-                perceptual = build_lpips(lpips).to(dev).eval()
-            except PerceptualWeightsMissing as e:
-                console.print(f"[yellow]LPIPS skipped:[/] {str(e).splitlines()[0]} {str(e).splitlines()[2]}",
-                              soft_wrap=True)
-        inc = Inception(inception_weights, dev) if fid else None
-        res = evaluate_tokenizer(model, data, size, limit, batch_size, dev, _precision(precision, dev),
-                                 perceptual, inc, progress=True, root=root)
-        res.settings.update(tokenizer=tokenizer, lpips=lpips if perceptual is not None else None)
-        _report(out, f"tokenizer {Path(tokenizer).name} on {data}", res, res.per_image)
-
-    _guard(go)
+    _run(lambda: tokenizer_job(tokenizer, data, out, size=size, root=root, limit=limit, batch_size=batch_size,
+                               config=config, lpips=lpips, fid=fid, inception_weights=inception_weights,
+                               precision=precision, device=device), f"tokenizer {Path(tokenizer).name} on {data}")
 
 
 @app.command("samples")
@@ -147,21 +98,12 @@ def samples_cmd(
     """FID, KID and IS of generated images against a reference set; label agreement of samples drawn
     from built-in maps (read from their JSON sidecars)."""
 
-    def go() -> None:
-        from vqgan_cli.evaluate.inception import Inception, check_inception_weights
-        from vqgan_cli.evaluate.samples import evaluate_samples
-        from vqgan_cli.runtime import resolve_device
+    from vqgan_cli.evaluate.commands import samples_job
 
-        check_inception_weights(inception_weights)
-        if save_stats is not None and reference.endswith(".npz"):
-            raise ValueError("--save-stats: the reference is already a statistics file")
-        inc = Inception(inception_weights, resolve_device(device))
-        res = evaluate_samples(samples, reference, inc, size=size, limit=limit, batch_size=batch_size,
-                               kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
-                               is_splits=is_splits, save_stats_to=save_stats, progress=True)
-        _report(out, f"samples {samples} vs {reference}", res)
-
-    _guard(go)
+    _run(lambda: samples_job(samples, reference, out, size=size, limit=limit, save_stats=save_stats,
+                             kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, is_splits=is_splits,
+                             batch_size=batch_size, inception_weights=inception_weights, device=device),
+         f"samples {samples} vs {reference}")
 
 
 @app.command("prior")
@@ -180,23 +122,8 @@ def prior_cmd(
 ) -> None:
     """Held-out NLL (nats, bits per token) of a prior on token shards, next to the unigram entropy."""
 
-    def go() -> None:
-        from vqgan_cli.checkpoints.load import load_prior
-        from vqgan_cli.evaluate.prior import evaluate_prior
-        from vqgan_cli.runtime import resolve_device
+    from vqgan_cli.evaluate.commands import prior_job
 
-        c = None
-        if crop is not None:
-            try:
-                c = tuple(int(v) for v in crop.lower().split("x"))
-                assert len(c) == 2 and min(c) > 0
-            except (ValueError, AssertionError):
-                raise ValueError(f"--crop: expected HxW in tokens, e.g. 16x16, got {crop!r}") from None
-        model = load_prior(prior, config=str(config) if config else None)
-        res = evaluate_prior(model, shards, limit=limit, batch_size=batch_size,
-                             device=resolve_device(device), crop=c,
-                             val_fraction=val_fraction, progress=True)
-        res.settings.update(prior=prior)
-        _report(out, f"prior {Path(prior).name} on {shards}", res)
-
-    _guard(go)
+    _run(lambda: prior_job(prior, shards, out, limit=limit, batch_size=batch_size, crop=crop,
+                           val_fraction=val_fraction, config=config, device=device),
+         f"prior {Path(prior).name} on {shards}")

@@ -96,15 +96,22 @@ def _read_paired_map(source: str | bytes, name: str, modality: str, prep: Prep) 
     return mapped
 
 
-class FileDataset(Dataset):
+class _Epochs:
+    """Datasets whose random crops and flips are drawn from (seed, epoch, index): the sampler
+    selects the epoch before each pass, so a resumed run draws what the straight run drew."""
+
+    prep: Prep
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose crops/flips (and, for shards, shard order) the next pass draws."""
+        self.prep.epoch = epoch
+
+
+class FileDataset(_Epochs, Dataset):
     """Image files (from a folder or a file list), each optionally paired with a map by key."""
 
     def __init__(self, items: list[Item], maps: MapIndex | None, prep: Prep, modality: str):
         self.items, self.maps, self.prep, self.modality = items, maps, prep, modality
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose crops/flips the next pass draws."""
-        self.prep.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.items)
@@ -125,7 +132,7 @@ class FileDataset(Dataset):
             return self.prep.fail(e, item.key)
 
 
-class LandscapeDataset(Dataset):
+class LandscapeDataset(_Epochs, Dataset):
     """``builtin:landscapes``: scene ``seeds[i]`` rendered at ``resize`` and cropped to ``size``.
 
     With ``sizes`` (training only), each sample is a random ``size`` crop of the scene rendered with
@@ -135,10 +142,6 @@ class LandscapeDataset(Dataset):
 
     def __init__(self, seeds: range, prep: Prep, sizes: tuple[int, ...] | None = None):
         self.seeds, self.prep, self.sizes = seeds, prep, sizes
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose crops/flips the next pass draws."""
-        self.prep.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -184,7 +187,7 @@ def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 
-class ShardDataset(IterableDataset):
+class ShardDataset(_Epochs, IterableDataset):
     """Samples of webdataset tar shards, split across DDP ranks and DataLoader workers.
 
     With at least as many shards as (ranks x workers) each slot reads whole shards; otherwise every
@@ -196,10 +199,6 @@ class ShardDataset(IterableDataset):
                  keep: dict[str, set[str]] | None = None, drop: dict[str, set[str]] | None = None):
         self.shards, self.maps, self.prep, self.modality = shards, maps, prep, modality
         self.keep, self.drop = keep, drop or {}
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch: shard order and crops/flips are drawn from (seed, epoch)."""
-        self.prep.epoch = epoch
 
     def _sample(self, shard: str, key: str, fields: dict[str, bytes], rng_index: tuple[int, int]) -> dict:
         name = f"{shard}:{key}"

@@ -52,16 +52,6 @@ def labels_from_image(img: Image.Image, name: str) -> np.ndarray:
     raise BadFile(name, f"unsupported segmentation map mode {mode}")
 
 
-def read_labels(source: str | bytes, name: str | None = None, label_shift: int = 0) -> np.ndarray:
-    """Decode a segmentation map to int32 (H, W), adding ``label_shift`` mod 256 (COCO: 255 -> 0)."""
-    name = name or (source if isinstance(source, str) else "<bytes>")
-    with _open(source, name) as img:
-        labels = labels_from_image(img, name)
-    if label_shift:
-        labels = (labels + label_shift) % 256
-    return labels
-
-
 def check_labels(labels: np.ndarray, n_labels: int | None, name: str) -> None:
     """Raise a LabelError naming the file, the offending value and ``n_labels``."""
     if n_labels is None or labels.size == 0:
@@ -84,18 +74,6 @@ def depth_to_rgba(depth: np.ndarray) -> np.ndarray:
     """float32 (H, W) -> uint8 (H, W, 4) bytes, the storage format of the depth PNGs."""
     d = np.ascontiguousarray(depth, dtype="<f4")
     return d[..., None].view(np.uint8).reshape(*d.shape, 4)
-
-
-def read_depth(source: str | bytes, name: str | None = None) -> np.ndarray:
-    """Decode a depth PNG to raw float32 (H, W); non-finite values make it a bad file."""
-    name = name or (source if isinstance(source, str) else "<bytes>")
-    with _open(source, name) as img:
-        if img.mode != "RGBA":
-            raise BadFile(name, f"depth map must be an RGBA PNG holding float32 bytes, got mode {img.mode}")
-        depth = rgba_to_depth(np.asarray(img))
-    if not np.isfinite(depth).all():
-        raise BadFile(name, "depth map holds NaN or infinite values")
-    return depth
 
 
 def normalize_depth(depth: np.ndarray) -> np.ndarray:
@@ -136,3 +114,12 @@ def one_hot(labels: torch.Tensor, n_labels: int) -> torch.Tensor:
     b, h, w = labels.shape
     out = torch.zeros(b, n_labels, h, w, dtype=torch.float32, device=labels.device)
     return out.scatter_(1, labels.long().unsqueeze(1), 1.0)
+
+
+def cell_labels(maps: torch.Tensor, factor: int) -> torch.Tensor:
+    """Label maps (..., H, W) -> (..., H/f, W/f): the label at the centre pixel of every f x f cell.
+
+    The one nearest-downsampling rule of raw label maps to the token grid: encode-dataset's
+    ``--cond labels``, the prior's ``labels`` conditioning and the map-agreement score all use it,
+    so a map means the same tokens wherever it enters. Numpy arrays slice the same way."""
+    return maps[..., factor // 2::factor, factor // 2::factor]

@@ -117,11 +117,11 @@ def pair_maps(items: list[InputItem], cond_data: str | None, missing: str) -> in
             lacking.append(it)
         it.map_path = found
     if lacking and index is None and all(it.kind == "file" for it in lacking):
-        raise EncodeUsageError("conditioning on maps needs --cond-data FOLDER (maps paired by file stem)")
+        raise EncodeUsageError("conditioning on maps needs `cond_data` FOLDER (maps paired by file stem)")
     if lacking and missing == "stop":
         names = ", ".join(it.key for it in lacking[:3])
         raise EncodeUsageError(f"{len(lacking)} of {len(items)} images have no paired map (e.g. {names}); "
-                               "add the maps, or pass --missing skip to leave those images out")
+                               "add the maps, or pass `missing` skip to leave those images out")
     for it in lacking:
         it.problem = "no paired conditioning map"
     return len(lacking)
@@ -174,10 +174,10 @@ def assign_labels(items: list[InputItem], spec: str, missing: str) -> dict[str, 
         names = ", ".join(it.key for it in lacking[:3])
         how = "has no parent folder" if spec == "folders" else f"is not in {spec}"
         raise EncodeUsageError(f"{len(lacking)} of {len(items)} images have no class label (e.g. {names} "
-                               f"{how}); pass --missing skip to leave them out")
+                               f"{how}); pass `missing` skip to leave them out")
     table = label_table(set(found.values()))
     if not table:
-        raise EncodeUsageError(f"--labels {spec}: no image got a class label")
+        raise EncodeUsageError(f"`labels` {spec}: no image got a class label")
     for it in items:
         if it.key in found:
             it.label = table[found[it.key]]
@@ -228,7 +228,7 @@ class Prepare:
             name = it.map_path or ""
             mapped = read_map(name, name, self.label_shift)
         if mapped.kind != self.map_kind:
-            raise DataError(f"{name}: is a {mapped.kind} map but --cond needs {self.map_kind} maps")
+            raise DataError(f"{name}: is a {mapped.kind} map but `cond` needs {self.map_kind} maps")
         if mapped.array.shape[:2] != rgb.shape[:2]:
             raise BadFile(name, f"map is {mapped.array.shape[1]}x{mapped.array.shape[0]} but its image is "
                                 f"{rgb.shape[1]}x{rgb.shape[0]}")

@@ -16,17 +16,12 @@ import torch
 
 from vqgan_cli.checkpoints.format import weights_sha256
 from vqgan_cli.config import to_dict
-from vqgan_cli.data.maps import one_hot
+from vqgan_cli.data.maps import cell_labels, one_hot
 from vqgan_cli.encode.inputs import EncodeUsageError, builtin_classes, to_model_range
 from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.shards.format import token_dtype
 
 COND_KINDS = ("seg", "depth", "labels")  # plus lowres:S
-
-
-def vocab_of(model: VQGAN) -> int:
-    """Token vocabulary: the codebook, or the remapped size of an official model with ``used``."""
-    return int(getattr(model.quantize, "n_tokens", model.config.quantizer.n_embed))
 
 
 def load_for_encoding(path: str, config: str | None = None) -> tuple[VQGAN, dict]:
@@ -36,7 +31,7 @@ def load_for_encoding(path: str, config: str | None = None) -> tuple[VQGAN, dict
 
     model = load_tokenizer(path, config)
     info = {"path": str(path), "weights_sha256": weights_sha256(model.state_dict()),
-            "n_embed": vocab_of(model), "factor": model.factor, "modality": model.config.modality,
+            "n_embed": model.n_tokens, "factor": model.factor, "modality": model.config.modality,
             "config": to_dict(model.config)}
     return model, info
 
@@ -55,7 +50,7 @@ class Cond:
 def parse_cond(kind: str | None, cond_tokenizer: str | None) -> tuple[str | None, int | None]:
     """(kind, lowres factor) of ``--cond``; usage errors for impossible combinations."""
     if kind is None and cond_tokenizer is not None:
-        raise EncodeUsageError("--cond-tokenizer needs --cond seg, depth or lowres:S")
+        raise EncodeUsageError("`cond_tokenizer` needs `cond` seg, depth or lowres:S")
     if kind is None:
         return None, None
     if kind.startswith("lowres:"):
@@ -64,15 +59,15 @@ def parse_cond(kind: str | None, cond_tokenizer: str | None) -> tuple[str | None
         except ValueError:
             s = 0
         if s < 2:
-            raise EncodeUsageError(f"--cond {kind}: expected lowres:S with an integer S >= 2")
+            raise EncodeUsageError(f"`cond` {kind}: expected lowres:S with an integer S >= 2")
         return "lowres", s
     if kind not in COND_KINDS:
-        raise EncodeUsageError(f"--cond {kind}: expected one of seg, depth, labels, lowres:S")
+        raise EncodeUsageError(f"`cond` {kind}: expected one of seg, depth, labels, lowres:S")
     if kind in ("seg", "depth") and cond_tokenizer is None:
-        hint = " (or --cond labels for raw label maps on the token grid)" if kind == "seg" else ""
-        raise EncodeUsageError(f"--cond {kind} needs --cond-tokenizer (a {kind} tokenizer){hint}")
+        hint = " (or `cond` labels for raw label maps on the token grid)" if kind == "seg" else ""
+        raise EncodeUsageError(f"`cond` {kind} needs `cond_tokenizer` (a {kind} tokenizer){hint}")
     if kind == "labels" and cond_tokenizer is not None:
-        raise EncodeUsageError("--cond labels uses raw label maps; drop --cond-tokenizer or use --cond seg")
+        raise EncodeUsageError("`cond` labels uses raw label maps; drop `cond_tokenizer` or use `cond` seg")
     return kind, None
 
 
@@ -87,10 +82,10 @@ def setup_cond(cond: str | None, cond_tokenizer: str | None, n_labels_opt: int |
         model, info = load_for_encoding(cond_tokenizer)
         want = {"seg": "segmentation", "depth": "depth", "lowres": "image"}[kind]
         if model.config.modality != want:
-            raise EncodeUsageError(f"--cond-tokenizer {cond_tokenizer} is a {model.config.modality} "
-                                   f"tokenizer; --cond {cond} needs a {want} tokenizer")
+            raise EncodeUsageError(f"`cond_tokenizer` {cond_tokenizer} is a {model.config.modality} "
+                                   f"tokenizer; `cond` {cond} needs a {want} tokenizer")
         if model.factor != tok.factor:
-            raise EncodeUsageError(f"--cond-tokenizer has factor {model.factor} but the image tokenizer "
+            raise EncodeUsageError(f"`cond_tokenizer` has factor {model.factor} but the image tokenizer "
                                    f"{tok.factor}: conditioning tokens must share the image's grid")
     if kind == "lowres" and model is None:
         model = tok  # the image tokenizer encodes the low-resolution copy
@@ -99,18 +94,18 @@ def setup_cond(cond: str | None, cond_tokenizer: str | None, n_labels_opt: int |
         if model is not None:
             n_labels = model.config.n_labels
             if n_labels_opt is not None and n_labels_opt != n_labels:
-                raise EncodeUsageError(f"--n-labels {n_labels_opt} differs from the cond tokenizer's "
+                raise EncodeUsageError(f"`n_labels` {n_labels_opt} differs from the cond tokenizer's "
                                        f"{n_labels}")
         else:
             n_labels = n_labels_opt or (len(builtin_classes()) if builtin else None)
             if n_labels is None:
-                raise EncodeUsageError("--cond labels on map files needs --n-labels (the label vocabulary)")
+                raise EncodeUsageError("`cond` labels on map files needs `n_labels` (the label vocabulary)")
         if builtin and n_labels < len(builtin_classes()):
             raise EncodeUsageError(f"builtin:landscapes has {len(builtin_classes())} classes but n_labels "
                                    f"is {n_labels}")
     if kind == "depth" and builtin:
         raise EncodeUsageError("builtin:landscapes has no depth maps")
-    vocab = vocab_of(model) if model is not None and kind != "labels" else int(n_labels or 0)
+    vocab = model.n_tokens if model is not None and kind != "labels" else int(n_labels or 0)
     desc = {"kind": cond, "tokenizer": info if cond_tokenizer else None, "vocab_size": vocab,
             "dtype": token_dtype(vocab).name, "n_labels": n_labels,
             "classes": builtin_classes() if builtin and kind in ("seg", "labels") else None,
@@ -127,7 +122,8 @@ def tokens_of(model: VQGAN, x: torch.Tensor, flip: bool, seed: int) -> torch.Ten
     """Token grids of ``x`` (and of its mirror image, appended), one forward for both."""
     if flip:
         x = torch.cat([x, x.flip(-1)])
-    if getattr(model.quantize, "unknown_index", None) != "random":
+    q = model.config.quantizer
+    if q.n_used is None or q.unknown_index != "random":
         return model.encode(x).indices.cpu()
     # an official tokenizer remapping unused codes at random: seed by position, so resumed runs agree
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
@@ -139,10 +135,10 @@ def cond_tokens_of(cond: Cond, maps: torch.Tensor, device: torch.device, flip: b
                    seed: int) -> torch.Tensor:
     """Conditioning token grids (flip copies appended) of a batch of maps or low-res images."""
     m = maps.to(device, non_blocking=True)
-    if cond.kind == "labels":  # label at the centre pixel of every f x f cell
-        grids = [m[:, f // 2::f, f // 2::f]]
+    if cond.kind == "labels":
+        grids = [cell_labels(m, f)]
         if flip:
-            grids.append(m.flip(-1)[:, f // 2::f, f // 2::f])
+            grids.append(cell_labels(m.flip(-1), f))
         return torch.cat(grids).long().cpu()
     if cond.kind == "seg":
         m = one_hot(m.long(), cond.n_labels)  # type: ignore[arg-type]

@@ -81,6 +81,13 @@ class EncodeResult(NamedTuple):
     grid: tuple[int, int] | None  # None with --keep-aspect (grids vary)
     vocab_size: int
 
+    def summary(self) -> dict[str, object]:
+        """What the command prints at the end, in reading order."""
+        return {"folder": str(self.out), "shards": self.shards, "samples": self.samples,
+                "skipped inputs": self.skipped, "grid": "x".join(map(str, self.grid)) if self.grid else "varies",
+                "vocab size": self.vocab_size, "encoded now": self.encoded_now,
+                "images/s": self.images_per_s, "time": f"{self.seconds:.1f} s"}
+
 
 def command_line(opts: EncodeOptions) -> str:
     """The CLI command equivalent to ``opts`` (non-default options only)."""
@@ -95,14 +102,14 @@ def command_line(opts: EncodeOptions) -> str:
 
 
 def _check_options(opts: EncodeOptions) -> None:
-    for name, v, lo in (("--batch-size", opts.batch_size, 1), ("--shard-size", opts.shard_size, 1),
-                        ("--workers", opts.workers, 0),
-                        ("--limit", 1 if opts.limit is None else opts.limit, 1),
-                        ("--size", opts.size or 8, 8)):
+    for name, v, lo in (("`batch_size`", opts.batch_size, 1), ("`shard_size`", opts.shard_size, 1),
+                        ("`workers`", opts.workers, 0),
+                        ("`limit`", 1 if opts.limit is None else opts.limit, 1),
+                        ("`size`", opts.size or 8, 8)):
         if v < lo:
             raise EncodeUsageError(f"{name} must be >= {lo}, got {v}")
     if opts.missing not in ("stop", "skip"):
-        raise EncodeUsageError(f"--missing must be stop or skip, got {opts.missing!r}")
+        raise EncodeUsageError(f"`missing` must be stop or skip, got {opts.missing!r}")
 
 
 def _label_table(items: list[InputItem], opts: EncodeOptions) -> dict | None:
@@ -163,12 +170,12 @@ def encode_dataset(opts: EncodeOptions, progress: bool = True) -> EncodeResult:
     tok, tok_info = load_for_encoding(opts.tokenizer, opts.config)
     ae = tok.config.autoencoder
     if tok.config.modality != "image" or ae.in_channels != 3:
-        raise EncodeUsageError(f"--tokenizer {opts.tokenizer} takes {ae.in_channels}-channel "
-                               f"{tok.config.modality} input, but --data gives RGB images (3 channels); "
-                               "pass the image tokenizer (a map tokenizer goes to --cond-tokenizer)")
+        raise EncodeUsageError(f"`tokenizer` {opts.tokenizer} takes {ae.in_channels}-channel "
+                               f"{tok.config.modality} input, but `data` gives RGB images (3 channels); "
+                               "pass the image tokenizer (a map tokenizer goes to `cond_tokenizer`)")
     size = opts.size or ae.resolution
     if size % tok.factor:
-        raise EncodeUsageError(f"--size {size} is not a multiple of the tokenizer's factor {tok.factor}")
+        raise EncodeUsageError(f"`size` {size} is not a multiple of the tokenizer's factor {tok.factor}")
     builtin = opts.data.startswith("builtin:")
     cond, cond_desc = setup_cond(opts.cond, opts.cond_tokenizer, opts.n_labels, tok, builtin)
     items = list_items(opts.data, opts.root, opts.limit)

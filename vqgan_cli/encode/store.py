@@ -1,4 +1,4 @@
-"""The output folder of encode-dataset: manifest, crash-safe shard commits, resume and verify.
+"""The output folder of encode-dataset: manifest, crash-safe shard commits and resume.
 
 Commit protocol for shard ``s`` (each step survives kill -9 at any moment):
 
@@ -20,25 +20,12 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
-
-from vqgan_cli.checkpoints.format import atomic_write
+from vqgan_cli.checkpoints.format import atomic_write, file_sha256
 from vqgan_cli.encode.inputs import EncodeUsageError
 from vqgan_cli.faults import human_bytes, ledger, space_shortfall
-from vqgan_cli.shards.format import (
-    MANIFEST,
-    MANIFEST_FORMAT,
-    MANIFEST_VERSION,
-    ShardError,
-    ShardWriter,
-    file_digest,
-    read_shard,
-    shard_name,
-)
+from vqgan_cli.shards.format import MANIFEST, SHARD_RE, ShardError, ShardWriter, load_manifest, shard_name
 
-SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
 PARTIAL_RE = re.compile(r"^\.shard-(\d{6})\.tar\.partial$")
 LEFTOVER_RE = re.compile(r"^\.(manifest\.json\..*\.tmp|write-probe\..*)$")  # atomic_write temps, probes
 
@@ -56,7 +43,7 @@ def check_writable(out: Path) -> None:
         os.unlink(probe)
     except OSError as e:
         raise EncodeUsageError(f"{out}: output folder is not writable ({e.strerror or e}); "
-                               "choose another --out") from None
+                               "choose another `out`") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -97,7 +84,7 @@ class OutputFolder:
             return None
         self.space_checked = True
         return space_shortfall(self.out, round(per * items_left), f"{items_left} more input(s) at "
-                               f"{human_bytes(per)} each, as in the shards written so far", "--out")
+                               f"{human_bytes(per)} each, as in the shards written so far", "`out`")
 
     def save(self) -> None:
         entries = sorted(self.manifest["shards"], key=lambda e: e["index"])
@@ -142,12 +129,12 @@ class OutputFolder:
         for e in self.manifest["shards"]:
             final, partial = self.out / e["name"], self.out / partial_name(e["index"])
             if final.is_file():
-                if final.stat().st_size != e["bytes"] or file_digest(final) != e["sha256"]:
+                if final.stat().st_size != e["bytes"] or file_sha256(final) != e["sha256"]:
                     notes.append(f"{e['name']} differs from the sha256 in {MANIFEST} (changed after "
                                  "encoding): encoding it again")
                     continue  # unrecorded now: deleted below
                 kept.append(e)
-            elif partial.is_file() and file_digest(partial) == e["sha256"]:
+            elif partial.is_file() and file_sha256(partial) == e["sha256"]:
                 os.replace(partial, final)
                 kept.append(e)
                 notes.append(f"completed the interrupted commit of {e['name']}")
@@ -196,127 +183,27 @@ def open_output(out: Path, manifest: dict, overwrite: bool) -> tuple[OutputFolde
     path = out / MANIFEST
     if path.is_file():
         try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise EncodeUsageError(f"{path}: corrupt manifest ({e}); pass --overwrite to start over") \
-                from None
-        if old.get("format") != MANIFEST_FORMAT:
-            raise EncodeUsageError(f"{path}: not an encode-dataset manifest; choose another --out")
+            old = load_manifest(out)
+        except ShardError as e:
+            raise EncodeUsageError(f"{e}; choose another `out`, or `overwrite` to start over") from None
         diffs = _differences(old.get("identity", {}), manifest["identity"])
         if any(d.startswith(("tokenizer_sha256", "cond_tokenizer_sha256")) for d in diffs):
             was = (old.get("tokenizer") or {}).get("path")
             raise EncodeUsageError(
                 f"{out} holds tokens of a different tokenizer (made with {was}; weights differ from "
                 f"{manifest['tokenizer']['path']}); tokens of two tokenizers cannot share a folder: "
-                "use another --out, or --overwrite to start over")
+                "use another `out`, or `overwrite` to start over")
         if diffs:
             raise EncodeUsageError(
                 f"{out} holds shards made with a different tokenizer or settings:\n  - "
-                + "\n  - ".join(diffs) + "\nuse another --out, or --overwrite to start over")
+                + "\n  - ".join(diffs) + "\nuse another `out`, or `overwrite` to start over")
         old["command"], old["run"] = manifest["command"], manifest["run"]
         folder = OutputFolder(out, old)
         return folder, folder.recover()
     strays = sorted(p.name for p in out.iterdir() if SHARD_RE.match(p.name))
     if strays:
         raise EncodeUsageError(f"{out}: holds {strays[0]} (and {len(strays) - 1} more) but no {MANIFEST}; "
-                               "choose another --out or pass --overwrite")
+                               "choose another `out` or pass `overwrite`")
     folder = OutputFolder(out, manifest)
     folder.recover()
     return folder, []
-
-
-class VerifyReport(NamedTuple):
-    ok: bool
-    shards: int
-    samples: int
-    problems: list[str]
-
-
-def verify_folder(root: str | Path) -> VerifyReport:
-    """Check every shard against the manifest: presence, sha256, sample count, unique keys,
-    dtype, grid shape, token ranges, conditioning alignment and class labels."""
-    root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
-        raise EncodeUsageError(f"{root}: no {MANIFEST}; not a token shard folder written by encode-dataset")
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        return VerifyReport(False, 0, 0, [f"{path}: corrupt manifest ({e})"])
-    problems: list[str] = []
-    if m.get("format") != MANIFEST_FORMAT or m.get("version") != MANIFEST_VERSION:
-        problems.append(f"{path}: unknown format {m.get('format')!r} version {m.get('version')!r}")
-        return VerifyReport(False, 0, 0, problems)
-    entries = m.get("shards", [])
-    if not m.get("complete"):
-        problems.append(f"encoding unfinished: {len(entries)} of {m.get('n_shards')} shards")
-    n_embed, dtype = m["tokenizer"]["n_embed"], np.dtype(m["dtype"])
-    cond = m.get("cond") or None
-    grid = tuple(m["grid"]) if m.get("grid") else None
-    classes = set(((m.get("labels") or {}).get("table") or {}).values())
-    samples, seen = 0, set()
-    for e in entries:
-        p = root / e["name"]
-        if not p.is_file():
-            problems.append(f"{e['name']}: missing")
-            continue
-        if (sha := file_digest(p)) != e["sha256"]:
-            problems.append(f"{e['name']}: sha256 {sha[:12]}... differs from the manifest's "
-                            f"{e['sha256'][:12]}...")
-        try:
-            found = _check_shard(p, n_embed, dtype, cond, grid, classes, m["identity"]["flip_copies"])
-        except ShardError as err:
-            problems.append(str(err))
-            continue
-        problems += [f"{e['name']}: {x}" for x in found.problems]
-        if dup := seen & found.keys:
-            problems.append(f"{e['name']}: ids also stored in an earlier shard, e.g. {sorted(dup)[0]!r}")
-        seen |= found.keys
-        if found.samples != e["count"]:
-            problems.append(f"{e['name']}: {found.samples} samples, the manifest says {e['count']}")
-        samples += found.samples
-    recorded = {e["name"] for e in entries}
-    problems += [f"{p.name}: shard not recorded in the manifest" for p in sorted(root.iterdir())
-                 if SHARD_RE.match(p.name) and p.name not in recorded]
-    return VerifyReport(not problems, len(entries), samples, problems)
-
-
-class _ShardCheck(NamedTuple):
-    samples: int
-    problems: list[str]
-    keys: set[str]
-
-
-def _check_shard(path: Path, n_embed: int, dtype: np.dtype, cond: dict | None,
-                 grid: tuple | None, classes: set[int], flip: bool) -> _ShardCheck:
-    problems: list[str] = []
-    keys: set[str] = set()
-    n = 0
-    for s in read_shard(path):
-        n += 1
-        if s.key in keys:
-            problems.append(f"{s.key}: duplicate key")
-        keys.add(s.key)
-        grids = [("tokens", s.tokens, n_embed, dtype)]
-        if flip:
-            grids.append(("tokens_flip", s.tokens_flip, n_embed, dtype))
-        if cond:
-            cdt = np.dtype(cond["dtype"])
-            grids.append(("cond", s.cond, cond["vocab_size"], cdt))
-            if flip:
-                grids.append(("cond_flip", s.cond_flip, cond["vocab_size"], cdt))
-        for name, arr, vocab, dt in grids:
-            if arr is None:
-                problems.append(f"{s.key}: no {name}")
-                continue
-            if arr.dtype != dt or arr.ndim != 2 or (grid and tuple(arr.shape) != grid) \
-                    or arr.shape != s.tokens.shape:
-                problems.append(f"{s.key}: {name} is {arr.dtype} {arr.shape}, expected {dt} {grid or 'grid'}")
-            elif arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab):
-                problems.append(f"{s.key}: {name} values outside 0..{vocab - 1}")
-        if classes and s.label not in classes:
-            problems.append(f"{s.key}: class label {s.label} is not in the manifest's label table")
-        if len(problems) > 20:
-            problems.append("... (more problems not listed)")
-            break
-    return _ShardCheck(n, problems, keys)

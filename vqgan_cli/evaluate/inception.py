@@ -38,11 +38,11 @@ class InceptionWeightsMissing(FileNotFoundError):
             f"Nothing is ever downloaded. To fix, either\n"
             f"  - put the file there (default place: $TORCH_HOME/hub/checkpoints/, i.e. torch.hub's "
             f"checkpoint folder), or\n"
-            f"  - pass --inception-weights /path/to/{INCEPTION_FILE}.\n"
+            f"  - pass `inception_weights` /path/to/{INCEPTION_FILE}.\n"
             f"Get it on a machine with internet access from {INCEPTION_URL}\n"
             f"(or run `python -c \"import torch_fidelity; torch_fidelity.calculate_metrics(...)\"` there "
             f"once and copy it from its torch.hub cache).\n"
-            f"For `evaluate tokenizer`, --no-fid skips rFID instead.")
+            f"For `evaluate tokenizer`, `no_fid` skips rFID instead.")
 
 
 def default_weights_path() -> Path:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from vqgan_cli.data.landscapes import LANDSCAPE_CLASSES, render_landscape
+from vqgan_cli.data.maps import cell_labels
 from vqgan_cli.metrics import as_uint8_image
 
 # (height, width) render sizes the default classifier is fitted at: whole small scenes to flat
@@ -71,13 +72,9 @@ def cell_features(image: np.ndarray | torch.Tensor, factor: int) -> np.ndarray:
 
 def map_cell_labels(labels: np.ndarray | torch.Tensor, factor: int) -> np.ndarray:
     """(h, w) label of every cell of an (H, W) map: encode-dataset's ``--cond labels`` rule."""
-    from vqgan_cli.encode.models import Cond, cond_tokens_of
-
     m = torch.as_tensor(np.asarray(labels)).long()
     _check_grid(tuple(m.shape), factor)
-    n = len(LANDSCAPE_CLASSES)
-    return cond_tokens_of(Cond("labels", None, n, n, None), m[None], torch.device("cpu"), False,
-                          factor, 0)[0].numpy()
+    return cell_labels(m, factor).numpy()
 
 
 @dataclass

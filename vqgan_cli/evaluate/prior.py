@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from vqgan_cli.models.prior import token_nll
 
 DEFINITIONS = {
     "nll_nats": "mean over image tokens of -log p(token | conditioning, previous tokens), teacher forced",
@@ -93,8 +94,7 @@ def evaluate_prior(prior, shards: str | Path, *, limit: int | None = None, batch
             z = sub["tokens"].to(dev)
             targets = prior.permute(z)
             logits = prior(c, targets)
-            total_nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                               targets.reshape(-1), reduction="sum"))
+            total_nll += float(token_nll(logits, targets, reduction="sum"))
             n_tok += targets.numel()
             counts += torch.bincount(targets.reshape(-1).cpu(), minlength=vocab)[:vocab].double()
             n_tiles += z.shape[0]

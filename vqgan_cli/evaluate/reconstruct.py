@@ -7,12 +7,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from vqgan_cli.data import DataError
-from vqgan_cli.data.transforms import image_to_tensor, read_image, tensor_to_image
-from vqgan_cli.faults import naming
-from vqgan_cli.metrics import psnr, ssim
+from vqgan_cli.data.transforms import image_to_tensor, read_image
+from vqgan_cli.images import save_png
+from vqgan_cli.metrics import code_counts, codebook_usage, psnr, ssim
 from vqgan_cli.models.vqgan import VQGAN
 
 
@@ -29,6 +28,16 @@ class ReconstructReport(NamedTuple):
     mean_psnr: float
     mean_ssim: float
     codebook_usage: float       # share of the codebook used by all images together
+    n_codes: int = 0            # token ids the tokenizer emits (codebook, or remapped range)
+
+    def table(self) -> list[tuple[str, ...]]:
+        """Header, one row per image, the mean."""
+        rows = [(i.source.name, f"{i.psnr:.2f}", f"{i.ssim:.4f}", i.output.name) for i in self.items]
+        return [("image", "PSNR dB", "SSIM", "written"), *rows,
+                ("[bold]mean", f"{self.mean_psnr:.2f}", f"{self.mean_ssim:.4f}", "")]
+
+    def usage_line(self) -> str:
+        return f"codebook usage: {self.codebook_usage:.1%} of {self.n_codes} codes"
 
 
 def pad_to_multiple(x: torch.Tensor, f: int) -> torch.Tensor:
@@ -58,7 +67,7 @@ def reconstruct_files(model: VQGAN, paths: list[Path], out_dir: Path,
         raise DataError(f"reconstruct works on RGB image tokenizers; this one takes "
                         f"{model.config.autoencoder.in_channels} channels ({model.config.modality})")
     device = device or next(model.parameters()).device
-    seen = torch.zeros(model.config.quantizer.n_embed, dtype=torch.bool)
+    counts = torch.zeros(model.n_tokens, dtype=torch.long)
     items: list[Reconstruction] = []
     skipped: list[str] = []
     for path in paths:
@@ -69,15 +78,24 @@ def reconstruct_files(model: VQGAN, paths: list[Path], out_dir: Path,
             continue
         x = image_to_tensor(rgb)[None].to(device)
         x_hat, idx = reconstruct_image(model, x)
-        seen[idx.flatten().cpu()] = True
-        out = out_dir / f"{path.stem}_rec.png"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with naming(out):
-            Image.fromarray(tensor_to_image(x_hat[0].float().cpu())).save(out)
+        counts += code_counts(idx.cpu(), counts.numel())
+        out = save_png(out_dir / f"{path.stem}_rec.png", x_hat[0])
         items.append(Reconstruction(path, out, float(psnr(x_hat.float(), x)[0]), float(ssim(x_hat.float(), x)[0])))
     if not items:
         raise DataError(f"nothing was reconstructed: none of the {len(paths)} input(s) could be read"
                         + "".join(f"\n  - {s}" for s in skipped))
     n = len(items)
     return ReconstructReport(items, skipped, sum(i.psnr for i in items) / n, sum(i.ssim for i in items) / n,
-                             float(seen.float().mean()))
+                             codebook_usage(counts), model.n_tokens)
+
+
+def reconstruct_paths(tokenizer: str | Path, paths: list[Path], out_dir: Path, device: str = "auto",
+                      config: str | Path | None = None) -> ReconstructReport:
+    """``vqgan reconstruct``: load the tokenizer (ours, or an official .ckpt with its YAML) on
+    ``device`` and reconstruct ``paths`` into ``out_dir``."""
+    from vqgan_cli.checkpoints.load import load_tokenizer
+    from vqgan_cli.runtime import resolve_device
+
+    dev = resolve_device(device)
+    model = load_tokenizer(tokenizer, config=str(config) if config else None).to(dev)
+    return reconstruct_files(model, paths, out_dir, dev)

@@ -183,11 +183,11 @@ def load_stats(path: str | Path, expect: dict[str, Any]) -> tuple[np.ndarray, np
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise EvaluationError(f"{path}: not a statistics file written by --save-stats ({e})") from None
+        raise EvaluationError(f"{path}: not a statistics file written by `save_stats` ({e})") from None
     for k in _MUST_MATCH:
         if settings.get(k) != expect.get(k):
             raise EvaluationError(f"{path}: made with {k} = {settings.get(k)!r}, this run uses "
-                                  f"{expect.get(k)!r}; recompute it with --save-stats")
+                                  f"{expect.get(k)!r}; recompute it with `save_stats`")
     return mu, sigma, pool, settings
 
 
@@ -237,7 +237,7 @@ def evaluate_samples(samples: str | Path, reference: str, inception: Inception, 
     if kid_subset_size is not None and (kid_subset_size > len(paths) or (ref_is_stats and kid_subset_size > n_ref)):
         have = f"{len(paths)} sample file(s)" + (f" and {n_ref} reference images" if ref_is_stats else "")
         raise EvaluationError(f"KID with subsets of {kid_subset_size} needs at least {kid_subset_size} images on "
-                              f"each side; {samples} has {have} (lower --kid-subset-size)")
+                              f"each side; {samples} has {have} (lower `kid_subset_size`)")
     gen = folder_features(inception, paths, batch_size, progress)
     n = len(gen.pool)
     if n < 2:
@@ -259,7 +259,7 @@ def evaluate_samples(samples: str | Path, reference: str, inception: Inception, 
     m = kid_subset_size if kid_subset_size is not None else min(1000, n, n_ref)
     if m > min(n, n_ref) or m < 2:
         raise EvaluationError(f"KID with subsets of {m} needs at least {max(m, 2)} images on each side; got "
-                              f"{n} samples and {n_ref} reference images (lower --kid-subset-size)")
+                              f"{n} samples and {n_ref} reference images (lower `kid_subset_size`)")
     splits = min(is_splits, n)
     if splits < is_splits:
         notes.append(f"IS over {splits} splits (only {n} samples)")

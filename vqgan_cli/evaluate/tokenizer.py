@@ -1,7 +1,7 @@
 """Tokenizer evaluation over a data source: L1, PSNR, SSIM, LPIPS, codebook usage/perplexity, rFID.
 
 :func:`batch_metrics` is the one implementation of the per-image numbers; training validation
-(:func:`validate`, re-exported by ``vqgan_cli.train.evaluation``) and ``vqgan evaluate tokenizer``
+(:func:`validate`, called by the tokenizer stage of ``vqgan_cli.train``) and ``vqgan evaluate tokenizer``
 (:func:`evaluate_tokenizer`) both use it.
 """
 
@@ -17,7 +17,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vqgan_cli.metrics import code_counts, frechet_distance_features, psnr, ssim
+from vqgan_cli.metrics import (
+    code_counts,
+    codebook_perplexity,
+    codebook_usage,
+    frechet_distance_features,
+    psnr,
+    ssim,
+)
 
 DEFINITIONS = {
     "l1": "mean |x - x_hat| over pixels and channels, model space [-1, 1] (decoder output unclamped)",
@@ -58,7 +65,7 @@ def validate(model, batches: Iterable[torch.Tensor], modality: str,  # noqa: ANN
     all their codes, and ``images``."""
     was_training = model.training
     model.eval()
-    counts = torch.zeros(model.config.quantizer.n_embed, dtype=torch.long)
+    counts = torch.zeros(model.n_tokens, dtype=torch.long)
     sums: dict[str, float] = {}
     count = 0
     for x in batches:
@@ -70,7 +77,7 @@ def validate(model, batches: Iterable[torch.Tensor], modality: str,  # noqa: ANN
         count += x.shape[0]
     model.train(was_training)
     result = {k: v / max(count, 1) for k, v in sums.items()}
-    result["codebook_usage"] = float((counts > 0).float().mean())
+    result["codebook_usage"] = codebook_usage(counts)
     result["images"] = count
     return result
 
@@ -141,7 +148,7 @@ def evaluate_tokenizer(model, source: str, size: int = 256, limit: int | None = 
     ds = evaluation_dataset(source, size, modality, n_labels, limit, root=root)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=0)
     n_embed = model.config.quantizer.n_embed
-    counts = torch.zeros(n_embed, dtype=torch.long)
+    counts = torch.zeros(model.n_tokens, dtype=torch.long)  # token ids: the remapped range if any
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     feats_x: list[np.ndarray] = []
@@ -163,7 +170,7 @@ def evaluate_tokenizer(model, source: str, size: int = 256, limit: int | None = 
             with amp:
                 out = model(x)
             idx = out.indices.cpu()
-            counts += code_counts(idx, n_embed)
+            counts += code_counts(idx, counts.numel())
             vals = batch_metrics(x, out.x_hat, modality, perceptual)
             for i, key in enumerate(batch["key"]):
                 row = {"key": key, **{k: float(v[i]) for k, v in vals.items()},
@@ -179,9 +186,8 @@ def evaluate_tokenizer(model, source: str, size: int = 256, limit: int | None = 
 
         raise DataError(f"{source}: no readable image to evaluate" + (f" ({len(skipped)} skipped)" if skipped else ""))
     metrics = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("key", "codes_used")}
-    p = counts.double() / counts.sum()
-    metrics["codebook_usage"] = float((counts > 0).double().mean())
-    metrics["codebook_perplexity"] = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    metrics["codebook_usage"] = codebook_usage(counts)
+    metrics["codebook_perplexity"] = codebook_perplexity(counts)
     notes = []
     if feats_x:
         fx, fy = np.concatenate(feats_x), np.concatenate(feats_y)
@@ -189,7 +195,7 @@ def evaluate_tokenizer(model, source: str, size: int = 256, limit: int | None = 
             from vqgan_cli.evaluate.inception import EvaluationError
 
             raise EvaluationError(f"rFID needs at least 2 images (a covariance), got {len(fx)}; "
-                                  "raise --limit or pass --no-fid")
+                                  "raise `limit` or pass `no_fid`")
         metrics["rfid"] = frechet_distance_features(fx, fy)
         if len(fx) < 2048:
             notes.append(f"rFID over {len(fx)} images: below 2048 (the feature dimension) the covariance is "

@@ -65,6 +65,13 @@ class QuantizerConfig:
     restart_dead: bool = spec(False, help="re-seed codes unused for a while from recent encoder outputs")
     dead_after: int = spec(100, ge=1, help="steps without use before a code counts as dead")
     usage_window: int = spec(100, ge=1, help="batches over which codebook usage is measured")
+    n_used: int | None = spec(None, ge=1,
+                              help="index remap (the reference's remap, official releases' quantize.used "
+                                   "buffer): tokens are positions in a table of this many codebook indices")
+    unknown_index: int | str = spec("random",
+                                    help="with n_used, the token of a code absent from the table: 'random' "
+                                         "(the reference's default), 'extra' (one more token, n_used) or a "
+                                         "fixed token")
     # gumbel only
     kl_weight: float = spec(5e-4, ge=0.0)
     temperature: float = spec(1.0, gt=0.0, help="gumbel start temperature")
@@ -77,6 +84,8 @@ class QuantizerConfig:
         problems = []
         if self.kind == "gumbel" and (self.ema or self.codebook_dim or self.l2_normalize):
             problems.append("kind: gumbel does not combine with ema, codebook_dim or l2_normalize")
+        if isinstance(self.unknown_index, str) and self.unknown_index not in ("random", "extra"):
+            problems.append(f"unknown_index: must be 'random', 'extra' or an int, got {self.unknown_index!r}")
         return problems
 
 

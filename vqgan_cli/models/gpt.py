@@ -27,11 +27,11 @@ from vqgan_cli.config import spec
 
 
 @dataclass
-class GPTConfig:
-    """Shape of the prior. Defaults are the released 24-layer, 16-head, 1024-wide transformers."""
+class GPTSize:
+    """Depth, width and dropout of the GPT: what a prior recipe chooses (its ``model.*``); the
+    vocabulary and block size follow from the data (:class:`GPTConfig`). Defaults are the
+    released 24-layer, 16-head, 1024-wide transformers."""
 
-    vocab_size: int = spec(ge=1, help="max of the image and conditioning codebook sizes")
-    block_size: int = spec(ge=1, help="longest input sequence: len(c) + len(s) - 1")
     n_layer: int = spec(24, ge=1)
     n_head: int = spec(16, ge=1)
     n_embd: int = spec(1024, ge=1)
@@ -48,6 +48,14 @@ class GPTConfig:
         if self.n_head >= 1 and self.n_embd % self.n_head:
             problems.append(f"n_embd: must be a multiple of n_head ({self.n_head}), got {self.n_embd}")
         return problems
+
+
+@dataclass(kw_only=True)
+class GPTConfig(GPTSize):
+    """Shape of the prior: its size plus the vocabulary and the longest input."""
+
+    vocab_size: int = spec(ge=1, help="max of the image and conditioning codebook sizes")
+    block_size: int = spec(ge=1, help="longest input sequence: len(c) + len(s) - 1")
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,31 +96,6 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.layers[0].k.shape[2]
-
-    def truncate(self, n: int) -> None:
-        """Forget every position from ``n`` on (e.g. to re-decode from a shorter prefix)."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"truncate: n must be in [0, {self.length}], got {n}")
-        self.length = n
-
-    def reset(self) -> None:
-        """Start over with an empty sequence; the buffers are reused."""
-        self.length = 0
-
-    def select(self, rows: torch.Tensor | slice) -> KVCache:
-        """A new cache holding copies of the given batch rows (a slice, or an index tensor that
-        may repeat rows, e.g. to fan one prefilled prompt out to many samples)."""
-        layers = [LayerKV(kv.k[rows].clone(), kv.v[rows].clone()) for kv in self.layers]
-        return KVCache(layers, self.length)
-
-    def copy_rows_(self, dst: slice, src: KVCache, src_rows: slice | None = None) -> None:
-        """Overwrite batch rows ``dst`` of this cache with rows of ``src`` (all rows by default)."""
-        if src.length != self.length:
-            raise ValueError(f"copy_rows_: lengths differ ({src.length} vs {self.length})")
-        rows = src_rows if src_rows is not None else slice(None)
-        for mine, theirs in zip(self.layers, src.layers, strict=True):
-            mine.k[dst].copy_(theirs.k[rows])
-            mine.v[dst].copy_(theirs.v[rows])
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ Conditioning kinds, as in the reference release:
   tokenizer.
 
 Training additions (the reference's ``pkeep``, plus conditioning dropout for classifier-free
-guidance): :meth:`Prior.training_sequences` builds the corrupted inputs and clean targets,
-:meth:`Prior.training_loss` the cross-entropy over image positions.
+guidance): :meth:`Prior.training_sequences` builds the corrupted inputs and clean targets, and
+:func:`token_nll` is the loss, the one definition training, validation, ``vqgan evaluate prior``
+and the benchmark use.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqgan_cli.config import spec
+from vqgan_cli.data.maps import cell_labels
 from vqgan_cli.data.transforms import degrade_batch
 from vqgan_cli.models.config import TokenizerConfig
 from vqgan_cli.models.gpt import GPT, GPTConfig
@@ -187,8 +189,7 @@ class Prior(nn.Module):
             q = (self.cond.coord_n_embed * c.clamp(0.0, 1.0)).round().long()
             return q.reshape(q.shape[0], -1)
         if kind == "labels":  # the label at the centre pixel of every f x f cell
-            f = self.cond.label_factor
-            labels = c.reshape(c.shape[0], *c.shape[-2:])[:, f // 2::f, f // 2::f]  # (B, h, w)
+            labels = cell_labels(c.reshape(c.shape[0], *c.shape[-2:]), self.cond.label_factor)  # (B, h, w)
             return labels.reshape(c.shape[0], -1).long()
         if self.cond.lowres_factor is not None:
             c = degrade_batch(c, self.cond.lowres_factor)
@@ -232,13 +233,6 @@ class Prior(nn.Module):
             c_in = torch.where(drop, torch.full_like(c_tokens, self.cond.null_token), c_tokens)
         return TrainingSequences(c_in, z_in, z)
 
-    def training_loss(self, c_tokens: torch.Tensor, z_raster: torch.Tensor,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mean cross-entropy (nats per image token) of the teacher-forced prediction."""
-        seq = self.training_sequences(c_tokens, z_raster, generator)
-        logits = self(seq.cond, seq.image)  # (B, Lz, V)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), seq.targets.reshape(-1))
-
 
 class TrainingSequences(NamedTuple):
     """One step's sequences: ``cond`` (B, Lc) and ``image`` (B, Lz) inputs, clean ``targets``."""
@@ -247,8 +241,12 @@ class TrainingSequences(NamedTuple):
     image: torch.Tensor
     targets: torch.Tensor
 
-    @property
-    def inputs(self) -> torch.Tensor:
-        """What the GPT reads: ``cat(c, z)[:, :-1]`` (B, Lc + Lz - 1)."""
-        return torch.cat((self.cond, self.image), dim=1)[:, :-1]
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy in nats of teacher-forced ``logits`` (B, L, V) against ``targets`` (B, L),
+    in fp32 whatever the autocast dtype of the logits: the prior's loss (PAPER.md, stage two).
+
+    A function of the logits rather than a method running the forward: training calls the forward
+    through its DDP/compiled wrapper and under autocast, which a method of the bare model would skip.
+    """
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)

@@ -17,6 +17,13 @@ receives (embed_dim), which gives those same shapes and also works when the two 
 Differences from the reference, on purpose: eval encodes by the argmax of the logits (the
 reference adds Gumbel noise even in eval, so its tokens are random); training samples are soft
 unless ``gumbel_hard`` (the reference trained with hard straight-through samples).
+
+Index remap (the reference's ``remap``, diffusers' ``VectorQuantizer(remap=...)``): with
+``n_used`` set, the buffer ``used`` (the official ``quantize.used``) lists codebook indices and
+the tokens are positions in it. Encoding maps a code to its first position in ``used``; a code
+absent from it becomes ``unknown_index``: ``"random"`` (the reference's default: a uniformly
+random token, so such encodes are not deterministic), ``"extra"`` (one extra token ``n_used``,
+which decodes as ``used[0]``) or a fixed token. Decoding maps a token ``t`` back to ``used[t]``.
 """
 
 from __future__ import annotations
@@ -97,13 +104,58 @@ class CodebookUsage:
         return self.seen[: self.filled].any(0).float().mean().item()
 
 
-class VectorQuantizer(nn.Module):
-    """Nearest-neighbour codebook with a straight-through estimator (PAPER.md, "Quantizer")."""
+class QuantizerBase(nn.Module):
+    """What both quantizers share: codes <-> tokens through the optional ``used`` table."""
+
+    used: torch.Tensor | None
 
     def __init__(self, cfg: QuantizerConfig):
         super().__init__()
-        self.config = cfg
         self.n_embed = cfg.n_embed
+        self.unknown_index = cfg.unknown_index
+        # Placeholder contents: the real table comes with the weights (strict load fills it).
+        self.register_buffer("used", None if cfg.n_used is None else torch.arange(cfg.n_used))
+
+    @property
+    def n_tokens(self) -> int:
+        """Token ids this quantizer emits: the codebook, or ``len(used)`` (+1 with ``extra``)."""
+        if self.used is None:
+            return self.n_embed
+        return self.used.numel() + (1 if self.unknown_index == "extra" else 0)
+
+    def to_tokens(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codebook indices -> tokens (the identity without a remap)."""
+        if self.used is None:
+            return indices
+        n_used = self.used.numel()
+        pos = torch.arange(n_used, device=indices.device)
+        # first position of each code in ``used``; n_used marks a code the table lacks
+        table = torch.full((self.n_embed,), n_used, dtype=torch.long, device=indices.device)
+        table = table.scatter_reduce(0, self.used.to(indices.device).long(), pos, reduce="amin")
+        new = table[indices]
+        unknown = new == n_used
+        if self.unknown_index == "random":
+            new[unknown] = torch.randint(0, self.n_tokens, (int(unknown.sum()),), device=new.device)
+        elif self.unknown_index != "extra":
+            new[unknown] = int(self.unknown_index)
+        return new
+
+    def to_codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens -> codebook indices (the identity without a remap)."""
+        if self.used is None:
+            return tokens
+        used = self.used.to(tokens.device).long()
+        if self.unknown_index == "extra":
+            tokens = torch.where(tokens >= used.numel(), 0, tokens)
+        return used[tokens]
+
+
+class VectorQuantizer(QuantizerBase):
+    """Nearest-neighbour codebook with a straight-through estimator (PAPER.md, "Quantizer")."""
+
+    def __init__(self, cfg: QuantizerConfig):
+        super().__init__(cfg)
+        self.config = cfg
         self.embed_dim = cfg.embed_dim
         self.code_dim = cfg.codebook_dim or cfg.embed_dim
         self.embedding = nn.Embedding(cfg.n_embed, self.code_dim)
@@ -178,7 +230,7 @@ class VectorQuantizer(nn.Module):
             counts = torch.bincount(idx, minlength=self.n_embed)
             if self.training:
                 self._maintain(flat.detach(), idx, counts)
-        return Quantized(out.to(z.dtype).contiguous(), loss, idx.view(b, h, w),
+        return Quantized(out.to(z.dtype).contiguous(), loss, self.to_tokens(idx.view(b, h, w)),
                          perplexity_of(counts))
 
     @torch.compiler.disable  # data-dependent bookkeeping: keep it out of compiled graphs
@@ -228,21 +280,20 @@ class VectorQuantizer(nn.Module):
         self.steps_unused[dead] = 0
 
     def codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """Indices (B, h, w) -> their quantized latent (B, embed_dim, h, w), as forward's z_q."""
-        flat = self._from_code_space(F.embedding(indices.reshape(-1), self._book()))
+        """Tokens (B, h, w) -> their quantized latent (B, embed_dim, h, w), as forward's z_q."""
+        flat = self._from_code_space(F.embedding(self.to_codes(indices).reshape(-1), self._book()))
         b, h, w = indices.shape
         out = flat.reshape(b, h, w, self.embed_dim).permute(0, 3, 1, 2).contiguous()
         return out.to(self.embedding.weight.dtype)
 
 
-class GumbelQuantizer(nn.Module):
+class GumbelQuantizer(QuantizerBase):
     """Gumbel-softmax codebook: logits over codes, relaxed one-hot samples, a KL prior term."""
 
     def __init__(self, cfg: QuantizerConfig, z_channels: int):
         """``z_channels``: channels of the latent fed to ``proj`` (see the module docstring)."""
-        super().__init__()
+        super().__init__(cfg)
         self.config = cfg
-        self.n_embed = cfg.n_embed
         self.embed_dim = cfg.embed_dim
         self.proj = nn.Conv2d(z_channels, cfg.n_embed, 1)
         self.embed = nn.Embedding(cfg.n_embed, cfg.embed_dim)
@@ -285,14 +336,14 @@ class GumbelQuantizer(nn.Module):
         counts = torch.bincount(idx.reshape(-1), minlength=self.n_embed)
         if self.training:
             self.tracker.update(counts)
-        return Quantized(z_q.contiguous(), loss, idx, perplexity_of(counts))
+        return Quantized(z_q.contiguous(), loss, self.to_tokens(idx), perplexity_of(counts))
 
     def codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """Indices (B, h, w) -> (B, embed_dim, h, w), the hard z_q of those codes."""
-        return self.embed(indices).permute(0, 3, 1, 2).contiguous()
+        """Tokens (B, h, w) -> (B, embed_dim, h, w), the hard z_q of their codes."""
+        return self.embed(self.to_codes(indices)).permute(0, 3, 1, 2).contiguous()
 
 
-def build_quantizer(cfg: QuantizerConfig, z_channels: int) -> nn.Module:
+def build_quantizer(cfg: QuantizerConfig, z_channels: int) -> QuantizerBase:
     """The quantizer named by ``cfg.kind``; ``z_channels`` is the channel count it receives."""
     if cfg.kind == "gumbel":
         return GumbelQuantizer(cfg, z_channels)

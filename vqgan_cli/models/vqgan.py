@@ -58,6 +58,11 @@ class VQGAN(nn.Module):
         return self.config.autoencoder.factor
 
     @property
+    def n_tokens(self) -> int:
+        """Token ids the tokenizer emits: its codebook size, or the remapped range."""
+        return self.quantize.n_tokens
+
+    @property
     def last_layer(self) -> nn.Parameter:
         """The decoder's last weight, where the adaptive GAN weight compares gradient norms."""
         return self.decoder.conv_out.weight

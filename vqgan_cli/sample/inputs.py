@@ -54,11 +54,6 @@ def _find(recorded: str, prior_path: Path) -> Path | None:
     return None
 
 
-def vocab_of(tok: VQGAN) -> int:
-    """Distinct tokens a tokenizer emits (its codebook, or the remapped range)."""
-    return int(getattr(tok.quantize, "n_tokens", tok.config.quantizer.n_embed))
-
-
 def load_models(prior_path: str | Path, tokenizer_path: str | Path | None,
                 device: torch.device, config: str | Path | None = None,
                 notes: list[str] | None = None) -> Models:
@@ -81,12 +76,12 @@ def load_models(prior_path: str | Path, tokenizer_path: str | Path | None,
     elif not is_safetensors(prior_path):
         tok_path = prior_path  # an official transformer .ckpt carries its first stage
     elif rec_path is None:
-        raise SampleUsageError(f"{prior_path} does not record its tokenizer; pass --tokenizer")
+        raise SampleUsageError(f"{prior_path} does not record its tokenizer; pass `tokenizer`")
     else:
         found = _find(rec_path, prior_path)
         if found is None:
             raise SampleUsageError(f"{prior_path} was trained with the tokenizer {rec_path}, which "
-                                   "was not found (next to the prior or from here); pass --tokenizer")
+                                   "was not found (next to the prior or from here); pass `tokenizer`")
         tok_path = found
     tok = load_tokenizer(tok_path, config if tok_path == prior_path else None)
     if tok.config.modality != "image":
@@ -95,7 +90,7 @@ def load_models(prior_path: str | Path, tokenizer_path: str | Path | None,
     if rec_sha is not None and weights_sha256(tok.state_dict()) != rec_sha:
         raise SampleUsageError(f"{tok_path} is not the tokenizer {prior_path} was trained with "
                                f"(weights hash differs from the recorded {rec_sha[:12]}...)")
-    n_img, vocab = vocab_of(tok), prior.config.gpt.vocab_size
+    n_img, vocab = tok.n_tokens, prior.config.gpt.vocab_size
     want = prior.config.image_vocab
     if n_img > vocab or (want is not None and want != n_img):
         raise SampleUsageError(f"prior and tokenizer do not match: the tokenizer has {n_img} codes, "
@@ -138,16 +133,16 @@ def parse_size(text: str | None, factor: int, crop: tuple[int, int]) -> tuple[in
         w_s, h_s = text.lower().split("x")
         W, H = int(w_s), int(h_s)
     except ValueError:
-        raise SampleUsageError(f"--size {text}: expected WIDTHxHEIGHT in pixels, e.g. 1280x832") from None
+        raise SampleUsageError(f"`size` {text}: expected WIDTHxHEIGHT in pixels, e.g. 1280x832") from None
     if W % factor or H % factor:
         def near(v: int) -> list[int]:
             lo = v - v % factor
             return [v] if lo == v else sorted({max(factor, lo), lo + factor})
         sizes = [f"{w}x{h}" for w in near(W) for h in near(H)]
-        raise SampleUsageError(f"--size {text}: width and height must be multiples of the "
+        raise SampleUsageError(f"`size` {text}: width and height must be multiples of the "
                                f"tokenizer's factor {factor}; nearest valid sizes: {', '.join(sizes)}")
     if H // factor < crop[0] or W // factor < crop[1]:
-        raise SampleUsageError(f"--size {text} is smaller than the prior's crop "
+        raise SampleUsageError(f"`size` {text} is smaller than the prior's crop "
                                f"{crop[1] * factor}x{crop[0] * factor}; use at least that")
     return H // factor, W // factor
 
@@ -168,13 +163,13 @@ def read_cond_map(spec: str, prior: Prior, h_px: int, w_px: int, notes: list[str
     ctok = prior.cond_tokenizer
     modality = ctok.config.modality if ctok is not None else ("segmentation" if kind == "labels" else None)
     if modality is None:
-        raise SampleUsageError(f"--cond: maps are not supported for {kind} conditioning")
+        raise SampleUsageError(f"`cond`: maps are not supported for {kind} conditioning")
     if spec.startswith("builtin:landscapes"):
         from vqgan_cli.data.landscapes import render_landscape
 
         seed = int(spec.rsplit(":", 1)[1]) if spec.count(":") == 2 else 0
         if modality != "segmentation":
-            raise SampleUsageError(f"--cond {spec} is a segmentation map; this prior needs {modality}")
+            raise SampleUsageError(f"`cond` {spec} is a segmentation map; this prior needs {modality}")
         arr, what = render_landscape(seed, h_px, w_px).labels.astype(np.int32), "seg"
     else:
         try:
@@ -187,7 +182,7 @@ def read_cond_map(spec: str, prior: Prior, h_px: int, w_px: int, notes: list[str
             raise SampleUsageError(str(e)) from None
         want = {"segmentation": "seg", "depth": "depth"}.get(modality, "image")
         if what != want:
-            raise SampleUsageError(f"--cond {spec} is a {what} map; this prior needs a {modality} map")
+            raise SampleUsageError(f"`cond` {spec} is a {what} map; this prior needs a {modality} map")
     if arr.shape[:2] != (h_px, w_px):
         notes.append(f"conditioning map {spec} is {arr.shape[1]}x{arr.shape[0]}: resized "
                      f"(nearest neighbour) to the sample size {w_px}x{h_px}")
@@ -228,22 +223,22 @@ def check_conditioning(prior: Prior, cond: str | None, classes: list[int]) -> No
     """--cond / --class against the prior's kind of conditioning."""
     kind = prior.cond.kind
     if kind == "sos" and (cond is not None or classes):
-        raise SampleUsageError(f"this prior is unconditional: drop {'--cond' if cond else '--class'}")
+        raise SampleUsageError(f"this prior is unconditional: drop {'`cond`' if cond else '`classes`'}")
     if kind == "class":
         if cond is not None:
-            raise SampleUsageError("this prior is class-conditional: use --class, not --cond")
+            raise SampleUsageError("this prior is class-conditional: use `classes`, not `cond`")
         if not classes:
-            raise SampleUsageError(f"this prior is class-conditional: pass --class "
+            raise SampleUsageError(f"this prior is class-conditional: pass `classes` "
                                    f"(0..{prior.cond.n_classes - 1})")
         bad = [c for c in classes if not 0 <= c < prior.cond.n_classes]
         if bad:
-            raise SampleUsageError(f"--class {bad[0]} is out of range: the prior knows "
+            raise SampleUsageError(f"`classes` {bad[0]} is out of range: the prior knows "
                                    f"{prior.cond.n_classes} classes (0..{prior.cond.n_classes - 1})")
     if prior.cond.spatial:
         if classes:
-            raise SampleUsageError(f"this prior is conditioned on {kind} maps: use --cond, not --class")
+            raise SampleUsageError(f"this prior is conditioned on {kind} maps: use `cond`, not `classes`")
         if cond is None and kind != "coord":  # coordinates are made from the sample size
-            raise SampleUsageError(f"this prior is conditioned on {kind} maps: pass --cond MAP.png")
+            raise SampleUsageError(f"this prior is conditioned on {kind} maps: pass `cond` MAP.png")
 
 
 def coord_map(h_px: int, w_px: int) -> torch.Tensor:
@@ -263,7 +258,7 @@ def init_tokens(path: str, tok: VQGAN, h: int, w: int, notes: list[str]) -> torc
         raise SampleUsageError(str(e)) from None
     f = tok.factor
     if rgb.shape[:2] != (h * f, w * f):
-        notes.append(f"--init {path} is {rgb.shape[1]}x{rgb.shape[0]}: resized to {w * f}x{h * f}")
+        notes.append(f"`init` {path} is {rgb.shape[1]}x{rgb.shape[0]}: resized to {w * f}x{h * f}")
         rgb = np.asarray(Image.fromarray(rgb).resize((w * f, h * f), Image.Resampling.BICUBIC))
     x = image_to_tensor(np.array(rgb))[None].to(tok.last_layer.device)
     with torch.no_grad():

@@ -41,13 +41,13 @@ class SamplingOptions:
         """Raise a SamplingError naming every bad value (checked before sampling starts)."""
         problems = []
         if not self.temperature > 0:
-            problems.append(f"--temperature must be > 0, got {self.temperature}")
+            problems.append(f"`temperature` must be > 0, got {self.temperature}")
         if self.top_k is not None and not 1 <= self.top_k <= vocab_size:
-            problems.append(f"--top-k must be in [1, {vocab_size}] (the vocabulary), got {self.top_k}")
+            problems.append(f"`top_k` must be in [1, {vocab_size}] (the vocabulary), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+            problems.append(f"`top_p` must be in (0, 1], got {self.top_p}")
         if not self.cfg_scale >= 0:
-            problems.append(f"--cfg-scale must be >= 0, got {self.cfg_scale}")
+            problems.append(f"`cfg_scale` must be >= 0, got {self.cfg_scale}")
         if problems:
             raise SamplingError("; ".join(problems))
 
@@ -120,7 +120,7 @@ class Guided:
         if not self.doubled:
             return cond_seq
         if null_seq is None:
-            raise SamplingError("--cfg-scale needs unconditional (null) conditioning tokens")
+            raise SamplingError("`cfg_scale` needs unconditional (null) conditioning tokens")
         return torch.cat((cond_seq, null_seq))
 
     def mix(self, logits: torch.Tensor) -> torch.Tensor:

@@ -1,2 +1,2 @@
 """Token shards, the hand-over between the stages: the tar format, the one manifest reader and the
-streaming dataset the prior trains on. ``encode/`` writes them; ``train/`` reads them."""
+stage-two dataset (format.py), the check against the manifest (verify.py). encode/ writes them."""

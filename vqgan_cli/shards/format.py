@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,19 +36,23 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from vqgan_cli.checkpoints.format import file_sha256
 from vqgan_cli.data.sampler import reader_slot
+from vqgan_cli.data.sources import split_member_name
 from vqgan_cli.faults import naming
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "vqgan-token-shards"
 MANIFEST_VERSION = 1
-FIELDS = ("tokens", "cond")
 FLIP_SUFFIX = "_flip"
 VARIANTS = ("all", "random", "original")
 
 
 class ShardError(Exception):
     """A token shard folder that cannot be used as it is; the message names the file."""
+
+
+SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")  # the names shard_name gives
 
 
 def shard_name(index: int) -> str:
@@ -140,7 +145,7 @@ class ShardWriter:
             self._fh.flush()
             os.fsync(self._fh.fileno())
             self._fh.close()
-        return file_digest(self.path)
+        return file_sha256(self.path)
 
     def abort(self) -> None:
         """Delete the unfinished file. Never raises: it runs while another error (often a full
@@ -149,14 +154,6 @@ class ShardWriter:
             self._fh.close()  # the tar's end blocks are not written: the file goes anyway
         with contextlib.suppress(OSError):
             self.path.unlink(missing_ok=True)
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def altered_shard(path: str | Path, have: str, want: str, command: str | None) -> ShardError:
@@ -187,9 +184,8 @@ def read_shard(path: str | Path, sha256: str | None = None, command: str | None 
             for member in tf:
                 if not member.isfile():
                     continue
-                head, base = os.path.split(member.name)
-                stem, _, fld = base.partition(".")
-                key = unescape_key(f"{head}/{stem}" if head else stem)
+                stem, fld = split_member_name(member.name)
+                key = unescape_key(stem)
                 data = tf.extractfile(member).read()  # type: ignore[union-attr]
                 if current is None or current.key != key:
                     if current is not None:
@@ -237,18 +233,28 @@ class TokenManifest:
         return [self.root / s["name"] for s in self.shards]
 
 
-def read_manifest(root: str | Path, require_complete: bool = True) -> TokenManifest:
-    """Load and sanity-check a shard folder's manifest."""
+def load_manifest(root: str | Path) -> dict:
+    """The one reader of ``manifest.json`` (encode's resume, verify and stage two all use it):
+    the parsed file, with a ShardError when it is absent, corrupt or of another format/version."""
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
         raise ShardError(f"{root}: no {MANIFEST} (not a token shard folder written by encode-dataset)")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: corrupt manifest ({e})") from None
-    if raw.get("format") != MANIFEST_FORMAT:
-        raise ShardError(f"{path}: format {raw.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    fmt, version = (raw.get("format"), raw.get("version")) if isinstance(raw, dict) else (None, None)
+    if fmt != MANIFEST_FORMAT or version != MANIFEST_VERSION:
+        raise ShardError(f"{path}: format {fmt!r} version {version!r}, expected {MANIFEST_FORMAT!r} "
+                         f"version {MANIFEST_VERSION} (not an encode-dataset manifest)")
+    return raw
+
+
+def read_manifest(root: str | Path, require_complete: bool = True) -> TokenManifest:
+    """A shard folder's manifest as stage two needs it (see :func:`load_manifest`)."""
+    root = Path(root)
+    raw = load_manifest(root)
     if require_complete and not raw.get("complete"):
         raise ShardError(f"{root}: encoding is unfinished ({len(raw.get('shards', []))} of "
                          f"{raw.get('n_shards')} shards); re-run the encode-dataset command to finish it")

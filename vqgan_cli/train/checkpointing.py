@@ -1,4 +1,5 @@
-"""Step checkpoints of a run folder: write, find the latest complete one, keep the last M.
+"""A run folder: its saved recipe (a resumed run must match it) and its step checkpoints (write,
+find the latest complete one, keep the last M).
 
 A step checkpoint is a pair in ``<run>/checkpoints/``: ``step_0000500.state.pt`` (optimisers,
 RNG, data position, training-only modules) written first, then ``step_0000500.safetensors``
@@ -9,19 +10,68 @@ whose weights file exists is complete; anything else is ignored on resume.
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
+import yaml
 from rich.markup import escape
 from torch import nn
 
 from vqgan_cli.checkpoints.format import load_state, save_state, state_path
+from vqgan_cli.config import ConfigError
 from vqgan_cli.console import console
 from vqgan_cli.faults import human_bytes, ledger, space_shortfall
+from vqgan_cli.runtime import Runtime
 
 _STEP = re.compile(r"^step_(\d+)\.safetensors$")
+
+# Recipe keys that may change between a run and its resumption without changing the result
+# up to the point where the earlier run stopped.
+RESUMABLE_CHANGES = ("train.max_steps", "train.ckpt_every", "train.keep_last", "train.log_every",
+                     "train.image_every", "train.val_every", "train.val_batches", "train.threads",
+                     "train.max_nonfinite", "data.workers", "data.verify", "train.out_dir", "train.loggers")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def prepare_run_dir(run_dir: Path, resolved: dict, overwrite: bool, rt: Runtime) -> None:
+    """Create the run folder and save the resolved recipe; refuse to resume a different recipe.
+
+    Only the main process writes. A resumed run must match the saved recipe except for the keys
+    in RESUMABLE_CHANGES; otherwise continuing would silently mix two experiments.
+    """
+    saved_path = run_dir / "recipe.yaml"
+    if rt.is_main and overwrite and run_dir.exists():
+        for name in ("checkpoints", "images", "metrics.jsonl", "recipe.yaml", "tensorboard", "curves.png"):
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    if saved_path.is_file() and (run_dir / "checkpoints").is_dir():
+        before = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+        now = _flatten(resolved)
+        changed = [f"{k}: run has {before.get(k)!r}, recipe now says {now.get(k)!r}"
+                   for k in sorted(set(before) | set(now))
+                   if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
+        if changed:
+            raise ConfigError(changed + [f"{run_dir} holds a run of another recipe: pass `overwrite` "
+                                         "to start it over, or set train.out_dir to a new folder"])
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
 
 
 class StepCheckpoint(NamedTuple):

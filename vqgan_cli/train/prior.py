@@ -1,48 +1,37 @@
 """Stage two: train the transformer prior on token shards, from a recipe.
 
-The loop is the stage-one loop's twin and shares its machinery (run folder, resumable batch
-stream, DDP and autocast helpers, atomic step checkpoints, non-finite guard, signals, metrics,
-progress). What differs: one optimiser (AdamW, betas (0.9, 0.95), decay on Linear weights
-only), an optional warm-up + cosine schedule, and losses reported in nats and bits per token.
-The model's shape comes from the shards' manifest (see :mod:`vqgan_cli.train.prior_data`).
+The loop is :mod:`vqgan_cli.train.engine`'s; this module is the recipe, the model and its
+optimiser, and the step body. What differs from stage one: one optimiser (AdamW, betas
+(0.9, 0.95), decay on Linear weights only), an optional warm-up + cosine schedule, and losses
+reported in nats and bits per token. The model's shape comes from the shards' manifest (see
+:mod:`vqgan_cli.train.prior_data`).
 """
 
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
-from torch.nn import functional as F
-from torch.nn.parallel import DistributedDataParallel
+from torch import nn
 
 from vqgan_cli import runtime as R
+from vqgan_cli.checkpoints.format import read_weights
 from vqgan_cli.checkpoints.load import save_prior
 from vqgan_cli.config import ConfigError, spec, to_dict
-from vqgan_cli.console import TrainProgress, console
-from vqgan_cli.models.gpt import GPTConfig, param_groups
+from vqgan_cli.console import console
+from vqgan_cli.models.gpt import GPTConfig, GPTSize, param_groups
 from vqgan_cli.models.permuter import PERMUTERS
-from vqgan_cli.models.prior import Prior, PriorConfig
-from vqgan_cli.train.checkpointing import CheckpointManager, checkpoint_size
+from vqgan_cli.models.prior import CondConfig, Prior, PriorConfig, token_nll
+from vqgan_cli.runtime import Runtime
+from vqgan_cli.train.checkpointing import checkpoint_size
 from vqgan_cli.train.config import TrainConfig
-from vqgan_cli.train.loggers import RunLog, draw_curves
-from vqgan_cli.train.loop import (
-    BatchStream,
-    DataPosition,
-    NonFiniteGuard,
-    accumulate_logs,
-    due,
-    gather_rng,
-    learning_rate,
-    optimizer_step,
-    prepare_run_dir,
-    report_end,
-    restore_rng,
-    scheduled_lr,
-)
+from vqgan_cli.train.engine import StepOut, TrainLog, TrainState, accumulate_logs, all_finite, open_run, run
+from vqgan_cli.train.loggers import RunLog
+from vqgan_cli.train.optim import grad_scaler, learning_rate, optimizer_step, scheduled_lr
 from vqgan_cli.train.prior_data import (
     RECIPE_CONDS,
     PriorData,
@@ -55,22 +44,16 @@ from vqgan_cli.train.prior_data import (
     unigram_entropy,
 )
 from vqgan_cli.train.prior_samples import SampleGrids
-from vqgan_cli.train.signals import StopRequest
+from vqgan_cli.train.stream import BatchStream
 
 LN2 = math.log(2.0)
 
 
 @dataclass
-class PriorModelConfig:
-    """The GPT's size and the training-time behaviour of the prior; vocabulary and block size
-    are not here: they follow from the shards."""
+class PriorModelConfig(GPTSize):
+    """The GPT's size (the fields of :class:`GPTSize`, checked by it) and the training-time
+    behaviour of the prior; vocabulary and block size are not here: they follow from the shards."""
 
-    n_layer: int = spec(24, ge=1)
-    n_head: int = spec(16, ge=1)
-    n_embd: int = spec(1024, ge=1)
-    embd_pdrop: float = spec(0.0, ge=0.0, lt=1.0)
-    resid_pdrop: float = spec(0.0, ge=0.0, lt=1.0)
-    attn_pdrop: float = spec(0.0, ge=0.0, lt=1.0)
     cond: str = spec("unconditional", choices=RECIPE_CONDS,
                      help="unconditional (start token) | class (shard labels) | spatial (shard cond grids)")
     sos_token: int = spec(0, ge=0, help="unconditional: the start token (shares the image vocabulary)")
@@ -79,11 +62,6 @@ class PriorModelConfig:
                                     "(classifier-free guidance)")
     pkeep: float = spec(1.0, ge=0.0, le=1.0, help="keep each input image token with this probability")
     permuter: str = spec("identity", choices=tuple(PERMUTERS), help="token reading order")
-
-    def check(self) -> list[str]:
-        if self.n_embd % self.n_head:
-            return [f"n_embd: must be a multiple of n_head ({self.n_head}), got {self.n_embd}"]
-        return []
 
 
 @dataclass
@@ -144,7 +122,8 @@ def build_prior(recipe: PriorRecipe, data: PriorData) -> Prior:
 
 
 @torch.no_grad()
-def evaluate_prior(prior: Prior, batches: list[tuple[torch.Tensor, torch.Tensor]], amp) -> dict:  # noqa: ANN001
+def validate_prior(prior: Prior, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                   amp: Any) -> dict[str, float]:  # noqa: ANN401 - an autocast or null context
     """Validation loss (nats and bits per image token) and next-token accuracy, eval mode."""
     was = prior.training
     prior.eval()
@@ -153,7 +132,7 @@ def evaluate_prior(prior: Prior, batches: list[tuple[torch.Tensor, torch.Tensor]
         seq = prior.training_sequences(c, z)
         with amp:
             logits = prior(seq.cond, seq.image).float()  # (B, Lz, V)
-        total += float(F.cross_entropy(logits.flatten(0, 1), seq.targets.flatten(), reduction="sum"))
+        total += float(token_nll(logits, seq.targets, reduction="sum"))
         correct += int((logits.argmax(-1) == seq.targets).sum())
         n += seq.targets.numel()
     prior.train(was)
@@ -161,9 +140,9 @@ def evaluate_prior(prior: Prior, batches: list[tuple[torch.Tensor, torch.Tensor]
     return {"loss": loss, "bits_per_token": loss / LN2, "accuracy": correct / max(n, 1), "tokens": n}
 
 
-def _val_batches(recipe: PriorRecipe, data: PriorData, cond, device: torch.device) -> list:  # noqa: ANN001
-    ds = build_split(data, recipe.data, validation=True, seed=recipe.train.seed,
-                     with_cond=data.cond.spatial)
+def _val_batches(recipe: PriorRecipe, data: PriorData, cond: CondConfig,
+                 device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ds = build_split(data, recipe.data, validation=True, seed=recipe.train.seed, with_cond=data.cond.spatial)
     loader = torch.utils.data.DataLoader(ds, batch_size=recipe.train.batch_size, collate_fn=collate_tokens,
                                          num_workers=0,
                                          generator=torch.Generator().manual_seed(0))  # spare the global RNG
@@ -175,182 +154,148 @@ def _val_batches(recipe: PriorRecipe, data: PriorData, cond, device: torch.devic
     return out
 
 
-def _check_resume(path: Path, cfg: PriorConfig) -> None:
-    from vqgan_cli.checkpoints.format import read_weights
+class PriorStage:
+    """The prior and its AdamW; ``data`` (the shards' description) is needed only for validation,
+    the sample grids and the checkpoint's record of the shards: a benchmark passes None."""
 
-    saved, now = read_weights(path).config, to_dict(cfg)
-    if saved != now:
-        diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-        raise ConfigError([f"{k}: the run's checkpoint {path.name} has {saved.get(k)!r}, the shards now "
-                           f"give {now.get(k)!r}" for k in diff] +
-                          ["the shards changed under this run: pass --overwrite or use a new train.out_dir"])
+    name = "train-prior"
+    weights_name = "prior.safetensors"
+    unit = "tok"
+
+    def __init__(self, recipe: PriorRecipe, prior: Prior, rt: Runtime, data: PriorData | None = None):
+        cfg, ocfg = self.cfg, self.ocfg = recipe.train, recipe.optim
+        self.recipe, self.rt, self.data, self.model = recipe, rt, data, prior
+        self.peak = learning_rate(cfg.base_lr, cfg.batch_size, cfg.accumulate, rt.world_size)
+        self.lr = self.peak
+        # fused: one kernel for all parameters instead of ~10 per tensor (same maths)
+        self.opt = torch.optim.AdamW(param_groups(prior.gpt, ocfg.weight_decay), lr=self.peak,
+                                     betas=tuple(ocfg.betas), fused=rt.device.type in ("cpu", "cuda"))
+        self.amp = R.autocast(rt, cfg.precision)
+        self.scaler = grad_scaler(cfg.precision)
+        self.items_per_step = cfg.batch_size * cfg.accumulate * rt.world_size * prior.config.gpt.block_size
+        self.forward: nn.Module = prior
+        self.log: RunLog | None = None
+        self.run_dir = Path()
+        self.info: dict = {}
+        self.val_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.unigram = float("nan")
+        self.samples: SampleGrids | None = None
+
+    def checkpoint_size(self) -> tuple[int, int]:
+        return checkpoint_size(self.model, [self.opt])
+
+    def attach(self, forward: nn.Module, log: RunLog | None = None, run_dir: Path | None = None) -> None:
+        self.forward = forward
+        if log is None or run_dir is None or self.data is None:
+            return
+        pcfg, data = self.model.config, self.data
+        self.log, self.run_dir = log, run_dir
+        self.info = {**data.info, "grid": list(pcfg.grid), "run": str(run_dir)}
+        if not self.rt.is_main:
+            return
+        self.val_inputs = _val_batches(self.recipe, data, pcfg.cond, self.rt.device)
+        if self.val_inputs:
+            self.unigram = unigram_entropy([z for _, z in self.val_inputs], pcfg.n_image_tokens)
+        if "tensorboard" in self.cfg.loggers and self.val_inputs:
+            with torch.random.fork_rng(devices=[]):  # building the tokenizer's modules draws from the
+                # global RNG, after the resume restored it: a resumed run would then differ
+                self.samples = SampleGrids(data.info.get("tokenizer"), self.rt.device, seed=self.cfg.seed)
+        console.print(f"[bold]{run_dir}[/]: {self.model.gpt.num_params():,} GPT parameters, "
+                      f"vocab {pcfg.gpt.vocab_size}, window {pcfg.grid[0]}x{pcfg.grid[1]} "
+                      f"({pcfg.gpt.block_size} tokens), cond {pcfg.cond.kind}, {data.manifest.num_samples} "
+                      f"samples; lr {self.peak:.3g}, device {self.rt.device}, {self.cfg.precision}")
+        if not self.val_inputs:
+            console.print("[yellow]no validation samples: raise data.val_fraction or give data.val[/]")
+
+    def step(self, batches: Iterator[dict], step: int) -> StepOut:
+        """Teacher-forced next-token loss over the micro-batches, at this step's learning rate."""
+        cfg, ocfg, pcfg, rt = self.cfg, self.ocfg, self.model.config, self.rt
+        self.model.train()
+        self.lr = scheduled_lr(step, self.peak, ocfg.warmup_steps, cfg.max_steps, ocfg.schedule, ocfg.min_lr_ratio)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
+        self.opt.zero_grad(set_to_none=True)
+        finite, logs = True, {}
+        for micro, batch in enumerate(batches):
+            check_batch(batch, pcfg.grid, pcfg.n_image_tokens, pcfg.gpt.vocab_size)
+            c = cond_input(batch, pcfg.cond).to(rt.device, non_blocking=True)
+            z = batch["tokens"].to(rt.device, non_blocking=True)
+            seq = self.model.training_sequences(c, z)
+            with R.maybe_no_sync(self.forward, micro != cfg.accumulate - 1):
+                with self.amp:
+                    logits = self.forward(seq.cond, seq.image)  # (B, Lz, V)
+                loss = token_nll(logits, seq.targets)
+                finite = all_finite(loss, rt)
+                if not finite:
+                    break
+                self.scaler.scale(loss / cfg.accumulate).backward()
+            accumulate_logs(logs, {"loss": loss}, cfg.accumulate)
+        return StepOut(finite, logs)
+
+    def apply(self, step: int) -> dict[str, float]:
+        norm = optimizer_step(self.opt, self.model, self.scaler, self.cfg.grad_clip)
+        self.scaler.update()
+        return {"grad_norm": norm} if norm is not None else {}
+
+    def train_log(self, logs: dict[str, float], rate: float, state: TrainState) -> TrainLog:
+        loss = logs.get("loss", float("nan"))
+        record = {**logs, "bits_per_token": loss / LN2, "lr": self.lr, "tokens_per_s": rate,
+                  "epoch": state.position.epoch}
+        return TrainLog(record, f"loss {loss:.4f} ({loss / LN2:.3f} bits)")
+
+    def images(self, step: int) -> None:
+        """None between validations: the sample grids come with them (see :meth:`evaluate`)."""
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        if self.log is None or not self.val_inputs:
+            return {}
+        val = validate_prior(self.model, self.val_inputs, self.amp)
+        val.update(unigram_entropy=self.unigram, unigram_bits=self.unigram / LN2)
+        if self.samples is not None:
+            png = self.run_dir / "images" / f"samples_step_{step:07d}.png"
+            if self.samples.write(png, self.model, self.val_inputs) is not None:
+                self.log.image("samples", png, step)
+        return val
+
+    def val_text(self, val: dict[str, float]) -> str:
+        return (f"loss {val['loss']:.4f} nats ({val['bits_per_token']:.3f} bits/token; unigram entropy "
+                f"{self.unigram:.4f}), accuracy {val['accuracy']:.3f}")
+
+    def summary(self, final: Path | None) -> dict[str, Any]:
+        return {"prior": str(final) if final is not None else "(not final)",
+                "tokenizer": str(self.info.get("tokenizer"))}
+
+    def state_dict(self) -> dict:
+        return {"opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["opt"])
+
+    def load_weights(self, path: Path) -> None:
+        """The checkpoint's weights, after checking that the shards still describe this model."""
+        saved = read_weights(path)
+        now = to_dict(self.model.config)
+        if saved.config != now:
+            diff = [k for k in sorted(set(saved.config) | set(now)) if saved.config.get(k) != now.get(k)]
+            raise ConfigError([f"{k}: the run's checkpoint {path.name} has {saved.config.get(k)!r}, the shards "
+                               f"now give {now.get(k)!r}" for k in diff] +
+                              ["the shards changed under this run: pass `overwrite` or use a new train.out_dir"])
+        self.model.load_state_dict(saved.state_dict)
+
+    def save_weights(self, path: Path, info: dict) -> None:
+        save_prior(path, self.model, {**self.info, **info})
 
 
 def train_prior(recipe: PriorRecipe, run_name: str, overwrite: bool = False) -> PriorTrainResult:
     """Train (or resume) the prior run of ``recipe``; returns where its weights are."""
-    cfg, ocfg = recipe.train, recipe.optim
+    cfg = recipe.train
     data = resolve_data(recipe.data, recipe.model.cond, recipe.model.sos_token, recipe.model.cond_dropout,
                         cfg.batch_size)
-    rt = R.setup_runtime(cfg.device, cfg.threads)
     run_dir = Path(cfg.out_dir or f"runs/{recipe.name or run_name}")
-    prepare_run_dir(run_dir, to_dict(recipe), overwrite, rt)
-    R.barrier(rt)
-
-    R.seed_everything(cfg.seed)  # identical initial weights on every rank
-    prior = build_prior(recipe, data).to(rt.device)
-    pcfg = prior.config
-    peak = learning_rate(cfg.base_lr, cfg.batch_size, cfg.accumulate, rt.world_size)
-    # fused: one kernel for all parameters instead of ~10 per tensor (same maths)
-    opt = torch.optim.AdamW(param_groups(prior.gpt, ocfg.weight_decay), lr=peak, betas=tuple(ocfg.betas),
-                            fused=rt.device.type in ("cpu", "cuda"))
-    ckpts = CheckpointManager(run_dir, cfg.keep_last)
-    if rt.is_main:
-        ckpts.check_space(*checkpoint_size(prior, [opt]))  # warn before work when the disk is short
-    metrics = RunLog(run_dir, cfg.loggers, enabled=rt.is_main)
-    step, position, guard = 0, DataPosition(), NonFiniteGuard(cfg.max_nonfinite)
-    latest = ckpts.latest()
-    if latest is not None:
-        from vqgan_cli.checkpoints.format import read_weights
-
-        _check_resume(latest.weights, pcfg)
-        prior.load_state_dict(read_weights(latest.weights).state_dict)
-        state = ckpts.load(latest)
-        opt.load_state_dict(state["opt"])
-        step = int(state["step"])
-        position = DataPosition(int(state["epoch"]), int(state["batch"]))
-        guard = NonFiniteGuard(cfg.max_nonfinite, int(state["nonfinite"]), int(state["nonfinite_in_a_row"]))
-        restore_rng(state["rng"], rt)
-        metrics.truncate_after(step)
-        if rt.is_main:
-            console.print(f"[green]resuming[/] {run_dir} from step {step} ({latest.weights.name})")
-    else:
-        R.seed_everything(cfg.seed + 1000 * rt.rank)  # per-rank randomness (pkeep, dropout) from here on
-
-    core = prior
-    train_model: torch.nn.Module = prior
-    if rt.distributed:
-        train_model = DistributedDataParallel(
-            prior, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-            broadcast_buffers=False)
-    if cfg.compile:
-        train_model = torch.compile(train_model, dynamic=False)  # static shapes: symbolic ones broke Inductor here
-
+    rt = open_run(cfg, to_dict(recipe), run_dir, overwrite)
+    stage = PriorStage(recipe, build_prior(recipe, data).to(rt.device), rt, data)
     dataset = build_split(data, recipe.data, validation=False, seed=cfg.seed, with_cond=data.cond.spatial)
-    stream = BatchStream(dataset, cfg.batch_size, recipe.data.workers, cfg.seed, rt, collate_tokens, position)
-    val_inputs = _val_batches(recipe, data, pcfg.cond, rt.device) if rt.is_main else []
-    unigram = unigram_entropy([z for _, z in val_inputs], pcfg.n_image_tokens) if val_inputs else float("nan")
-    amp = R.autocast(rt, cfg.precision)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
-    stop = StopRequest()
-    samples = SampleGrids(data.info.get("tokenizer"), rt.device, seed=cfg.seed) \
-        if rt.is_main and "tensorboard" in cfg.loggers and val_inputs else None
-    seq_len = pcfg.gpt.block_size
-    info = {**data.info, "grid": list(pcfg.grid), "run": str(run_dir)}
-    if rt.is_main:
-        console.print(f"[bold]{run_dir}[/]: {prior.gpt.num_params():,} GPT parameters, "
-                      f"vocab {pcfg.gpt.vocab_size}, "
-                      f"window {pcfg.grid[0]}x{pcfg.grid[1]} ({seq_len} tokens), cond {pcfg.cond.kind}, "
-                      f"{data.manifest.num_samples} samples; lr {peak:.3g}, device {rt.device}, "
-                      f"{cfg.precision}")
-        if not val_inputs:
-            console.print("[yellow]no validation samples: raise data.val_fraction or give data.val[/]")
-
-    def save_checkpoint(at_step: int) -> None:
-        rngs = gather_rng(rt)
-        if not rt.is_main:
-            return
-        state = {"step": at_step, "epoch": stream.position.epoch, "batch": stream.position.batch,
-                 "opt": opt.state_dict(), "rng": rngs, "nonfinite": guard.total,
-                 "nonfinite_in_a_row": guard.in_a_row}
-        ckpts.save(at_step, state, lambda p: save_prior(p, core, {**info, "step": at_step}))
-
-    start_time, start_step = time.perf_counter(), step
-    val_result: dict = {}
-    window = {"t": time.perf_counter(), "step": step}
-    stopped: int | None = None
-    shown: tuple[float, str] = (0.0, "")
-    try:
-        with TrainProgress(cfg.max_steps, step, f"train-prior {run_dir.name}", rt.is_main) as bar:
-            while step < cfg.max_steps:
-                if R.any_rank(stop.requested, rt):
-                    stopped = stop.exit_code if stop.requested else 130
-                    break
-                prior.train()
-                lr = scheduled_lr(step, peak, ocfg.warmup_steps, cfg.max_steps, ocfg.schedule,
-                                  ocfg.min_lr_ratio)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                opt.zero_grad(set_to_none=True)
-                finite, logs = True, {}
-                for micro in range(cfg.accumulate):
-                    batch = stream.next()
-                    check_batch(batch, pcfg.grid, pcfg.n_image_tokens, pcfg.gpt.vocab_size)
-                    c = cond_input(batch, pcfg.cond).to(rt.device, non_blocking=True)
-                    z = batch["tokens"].to(rt.device, non_blocking=True)
-                    seq = core.training_sequences(c, z)
-                    with R.maybe_no_sync(train_model, micro != cfg.accumulate - 1):
-                        with amp:
-                            logits = train_model(seq.cond, seq.image)  # (B, Lz, V)
-                        loss = F.cross_entropy(logits.flatten(0, 1).float(), seq.targets.flatten())
-                        finite = not R.any_rank(not bool(torch.isfinite(loss)), rt)
-                        if not finite:
-                            break
-                        scaler.scale(loss / cfg.accumulate).backward()
-                    accumulate_logs(logs, {"loss": loss}, cfg.accumulate)
-                guard.record(finite, step)
-                if finite:
-                    norm = optimizer_step(opt, prior, scaler, cfg.grad_clip)
-                    scaler.update()
-                    if norm is not None:
-                        logs["grad_norm"] = norm
-                else:
-                    opt.zero_grad(set_to_none=True)
-                    bar.log(f"[red]non-finite loss at step {step}: step skipped "
-                            f"({guard.in_a_row} in a row, {guard.total} in all)[/]")
-                step += 1
-
-                if due(step, cfg.log_every, cfg.max_steps):
-                    now = time.perf_counter()
-                    per_step = cfg.batch_size * cfg.accumulate * rt.world_size * seq_len
-                    tokens = (step - window["step"]) * per_step
-                    rate = tokens / max(now - window["t"], 1e-9)
-                    window = {"t": now, "step": step}
-                    loss_now = logs.get("loss", float("nan"))
-                    metrics.write({"step": step, "split": "train", **logs, "bits_per_token": loss_now / LN2,
-                                   "lr": lr, "tokens_per_s": rate, "epoch": stream.position.epoch,
-                                   "nonfinite_steps": guard.total})
-                    shown = (rate, f"loss {loss_now:.4f} ({loss_now / LN2:.3f} bits)")
-                bar.update(step, shown[0], "tok", shown[1])
-                if due(step, cfg.val_every, cfg.max_steps):
-                    if rt.is_main and val_inputs:
-                        val_result = evaluate_prior(core, val_inputs, amp)
-                        val_result.update(unigram_entropy=unigram, unigram_bits=unigram / LN2)
-                        metrics.write({"step": step, "split": "val", **val_result})
-                        if samples is not None:
-                            png = run_dir / "images" / f"samples_step_{step:07d}.png"
-                            if samples.write(png, core, val_inputs) is not None:
-                                metrics.image("samples", png, step)
-                        bar.log(f"step {step} validation: loss {val_result['loss']:.4f} nats "
-                                f"({val_result['bits_per_token']:.3f} bits/token; unigram entropy "
-                                f"{unigram:.4f}), accuracy {val_result['accuracy']:.3f}")
-                    R.barrier(rt)
-                if due(step, cfg.ckpt_every, cfg.max_steps):
-                    save_checkpoint(step)
-        if stopped is not None:
-            save_checkpoint(step)
-    finally:
-        metrics.close()
-        stop.close()
-        stream.close()
-        R.shutdown(rt)
-
-    final = run_dir / "prior.safetensors"
-    if rt.is_main and stopped is None:
-        save_prior(final, core, {**info, "step": step, "val": val_result})
-    seconds = time.perf_counter() - start_time
-    if rt.is_main:
-        draw_curves(run_dir)
-        report_end("train-prior summary", run_dir, step, start_step, seconds, guard.total, stopped,
-                   {"prior": str(final) if stopped is None else "(not final)",
-                    "tokenizer": str(info["tokenizer"])}, val_result)
-    return PriorTrainResult(run_dir, final, step, seconds, val_result, guard.total, stopped)
+    stream = BatchStream(dataset, cfg.batch_size, recipe.data.workers, cfg.seed, rt, collate_tokens)
+    res = run(stage, cfg, stream, run_dir, rt)
+    return PriorTrainResult(res.run_dir, res.weights, res.steps, res.seconds, res.val, res.nonfinite,
+                            res.stopped_by_signal)

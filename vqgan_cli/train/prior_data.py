@@ -125,13 +125,13 @@ def _cond_config(kind: str, m: TokenManifest, sos_token: int, problems: list[str
     if kind == "class":
         if m.n_classes is None:
             problems.append(f"model.cond: class conditioning asked for, but {m.root} has no class labels "
-                            "(encode with --labels)")
+                            "(encode with `labels`)")
             return CondConfig(), 0, None, {}
         return CondConfig(kind="class", n_classes=m.n_classes), m.n_classes, None, {}
     desc = m.raw.get("cond")
     if not desc:
         problems.append(f"model.cond: spatial conditioning asked for, but {m.root} has no conditioning "
-                        "tokens (encode with --cond)")
+                        "tokens (encode with `cond`)")
         return CondConfig(), 0, None, {}
     vocab, stored = int(desc["vocab_size"]), str(desc.get("kind"))
     if stored == "labels":
@@ -188,7 +188,7 @@ def resolve_data(cfg: ShardDataConfig, cond_kind: str, sos_token: int = 0, cond_
     crop = tuple(cfg.crop) if cfg.crop is not None else None
     grid: tuple[int, int] = (1, 1)
     if m.grid is None and crop is None:
-        problems.append(f"data.crop: the grids in {cfg.shards} vary in size (--keep-aspect); set a crop")
+        problems.append(f"data.crop: the grids in {cfg.shards} vary in size (`keep_aspect`); set a crop")
     elif crop is not None and m.grid is not None and (crop[0] > m.grid[0] or crop[1] > m.grid[1]):
         problems.append(f"data.crop: {list(crop)} is larger than the token grid {list(m.grid)} "
                         f"of {cfg.shards}")

@@ -1,52 +1,44 @@
 """Stage one: train a VQGAN tokenizer (images, segmentation maps or depth) from a recipe.
 
-One autoencoder forward per step: the discriminator step reuses the detached reconstruction of
-the generator step (the reference runs the autoencoder a second time for it). The discriminator
-is not wrapped in DDP: it is called twice per step in different roles, so its gradients are
-averaged by hand and its BatchNorm statistics broadcast from rank 0.
+The loop is :mod:`vqgan_cli.train.engine`'s; this module is the recipe, the models and
+optimisers, and the step body. One autoencoder forward per step: the discriminator step reuses
+the detached reconstruction of the generator step (the reference runs the autoencoder a second
+time for it). The discriminator is not wrapped in DDP: it is called twice per step in different
+roles, so its gradients are averaged by hand and its BatchNorm statistics broadcast from rank 0.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
+from torch import nn
 
 from vqgan_cli import runtime as R
+from vqgan_cli.checkpoints.format import read_weights
 from vqgan_cli.checkpoints.load import save_tokenizer
 from vqgan_cli.config import spec, to_dict
-from vqgan_cli.console import TrainProgress, console
+from vqgan_cli.console import console
 from vqgan_cli.data import DataConfig, build_dataset, collate, model_input
 from vqgan_cli.data.dataset import VAL_SEED_BASE
 from vqgan_cli.data.landscapes import render_landscape
 from vqgan_cli.data.transforms import image_to_tensor
+from vqgan_cli.evaluate.tokenizer import validate
 from vqgan_cli.images import displayable, save_grid
 from vqgan_cli.models.config import TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.train.checkpointing import CheckpointManager, checkpoint_size
+from vqgan_cli.runtime import Runtime
+from vqgan_cli.train.checkpointing import checkpoint_size
 from vqgan_cli.train.config import TrainConfig
-from vqgan_cli.train.evaluation import evaluate_tokenizer
-from vqgan_cli.train.loggers import RunLog, draw_curves
-from vqgan_cli.train.loop import (
-    BatchStream,
-    DataPosition,
-    NonFiniteGuard,
-    accumulate_logs,
-    due,
-    gather_rng,
-    learning_rate,
-    optimizer_step,
-    prepare_run_dir,
-    report_end,
-    restore_rng,
-)
+from vqgan_cli.train.engine import StepOut, TrainLog, TrainState, accumulate_logs, all_finite, open_run, run
+from vqgan_cli.train.loggers import RunLog
 from vqgan_cli.train.losses import LossConfig, TokenizerLoss
-from vqgan_cli.train.signals import StopRequest
+from vqgan_cli.train.optim import grad_scaler, learning_rate, optimizer_step
+from vqgan_cli.train.stream import BatchStream
 
 
 @dataclass
@@ -80,7 +72,7 @@ class TrainResult(NamedTuple):
     stopped_by_signal: int | None  # exit code when a signal ended the run early
 
 
-def _val_batches(recipe: TokenizerRecipe, rt: R.Runtime, n_labels: int | None):
+def _val_batches(recipe: TokenizerRecipe, n_labels: int | None) -> list[torch.Tensor]:
     ds = build_dataset(recipe.data, "val", recipe.model.modality, n_labels, seed=recipe.train.seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=recipe.train.batch_size, shuffle=False,
                                          num_workers=0, collate_fn=collate,
@@ -106,216 +98,193 @@ def _large_val_inputs(recipe: TokenizerRecipe) -> list[torch.Tensor]:
             for k in range(data.val_scene_count)]
 
 
-def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = False) -> TrainResult:
-    """Train (or resume) the tokenizer run of ``recipe``; returns where its weights are."""
-    cfg = recipe.train
-    rt = R.setup_runtime(cfg.device, cfg.threads)
-    run_dir = Path(cfg.out_dir or f"runs/{recipe.name or run_name}")
-    prepare_run_dir(run_dir, to_dict(recipe), overwrite, rt)
-    R.barrier(rt)
-    modality = recipe.model.modality
-    n_labels = recipe.model.n_labels
+class TokenizerStage:
+    """The autoencoder, its loss (with the discriminator) and their two Adam optimisers."""
 
-    R.seed_everything(cfg.seed)  # identical initial weights on every rank
-    model = VQGAN(recipe.model).to(rt.device)
-    loss_fn = TokenizerLoss(recipe.loss, modality, recipe.model.autoencoder.in_channels).to(rt.device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-        loss_fn.to(memory_format=torch.channels_last)
-    lr = learning_rate(cfg.base_lr, cfg.batch_size, cfg.accumulate, rt.world_size)
-    opt_ae = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.5, 0.9))
-    disc = loss_fn.discriminator  # None for tokenizers trained without the adversarial term
-    opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9)) if disc is not None else None
+    name = "train-tokenizer"
+    weights_name = "tokenizer.safetensors"
+    unit = "img"
 
-    ckpts = CheckpointManager(run_dir, cfg.keep_last)
-    if rt.is_main:
-        ckpts.check_space(*checkpoint_size(model, [opt_ae, opt_d], [disc]))  # warn before work when the disk is short
-    metrics = RunLog(run_dir, cfg.loggers, enabled=rt.is_main)
-    step, position, guard, skipped_total = 0, DataPosition(), NonFiniteGuard(cfg.max_nonfinite), 0
-    latest = ckpts.latest()
-    if latest is not None:
-        from vqgan_cli.checkpoints.format import read_weights
+    def __init__(self, recipe: TokenizerRecipe, rt: Runtime):
+        cfg = self.cfg = recipe.train
+        self.recipe, self.rt = recipe, rt
+        self.modality, self.n_labels = recipe.model.modality, recipe.model.n_labels
+        self.model = VQGAN(recipe.model).to(rt.device)
+        self.loss_fn = TokenizerLoss(recipe.loss, self.modality, recipe.model.autoencoder.in_channels).to(rt.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            self.loss_fn.to(memory_format=torch.channels_last)
+        self.lr = learning_rate(cfg.base_lr, cfg.batch_size, cfg.accumulate, rt.world_size)
+        self.opt_ae = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=self.lr,
+                                       betas=(0.5, 0.9))
+        self.disc = self.loss_fn.discriminator  # None for tokenizers trained without the adversarial term
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=self.lr, betas=(0.5, 0.9)) \
+            if self.disc is not None else None
+        self.amp = R.autocast(rt, cfg.precision)
+        self.scaler = grad_scaler(cfg.precision)
+        self.items_per_step = cfg.batch_size * cfg.accumulate * rt.world_size
+        self.forward: nn.Module = self.model
+        self.log: RunLog | None = None
+        self.run_dir = Path()
+        self.val_inputs: list[torch.Tensor] = []
+        self.large_inputs: list[torch.Tensor] = []
+        self.skipped = 0  # files the data skipped, in all
+        self._warned: set[str] = set()
+        self._disc_factor = 0.0
+        self._use_disc = False
 
-        model.load_state_dict(read_weights(latest.weights).state_dict)
-        state = ckpts.load(latest)
-        opt_ae.load_state_dict(state["opt_ae"])
-        if disc is not None:
-            opt_d.load_state_dict(state["opt_d"])
-            disc.load_state_dict(state["discriminator"])
-        model.quantize.load_training_state(state["quantizer"])
-        step = int(state["step"])
-        position = DataPosition(int(state["epoch"]), int(state["batch"]))
-        guard = NonFiniteGuard(cfg.max_nonfinite, int(state["nonfinite"]), int(state["nonfinite_in_a_row"]))
-        skipped_total = int(state["skipped"])
-        restore_rng(state["rng"], rt)
-        metrics.truncate_after(step)
-        if rt.is_main:
-            console.print(f"[green]resuming[/] {run_dir} from step {step} ({latest.weights.name})")
-    else:
-        R.seed_everything(cfg.seed + 1000 * rt.rank)  # per-rank randomness from here on
+    def checkpoint_size(self) -> tuple[int, int]:
+        return checkpoint_size(self.model, [self.opt_ae, self.opt_d], [self.disc])
 
-    core = model
-    train_model: torch.nn.Module = model
-    if rt.distributed:
-        train_model = DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-            broadcast_buffers=False)
-    if cfg.compile:
-        # The adaptive weight differentiates the same graph twice (retain_graph=True), which
-        # compiled backwards only allow without donated buffers.
-        torch._functorch.config.donated_buffer = False
-        train_model = torch.compile(train_model, dynamic=False)  # static shapes: symbolic ones broke Inductor here
-
-    dataset = build_dataset(recipe.data, "train", modality, n_labels, seed=cfg.seed)
-    stream = BatchStream(dataset, cfg.batch_size, recipe.data.workers, cfg.seed, rt, collate, position)
-    val_inputs = _val_batches(recipe, rt, n_labels) if rt.is_main else []
-    large_inputs = _large_val_inputs(recipe) if rt.is_main else []
-    amp = R.autocast(rt, cfg.precision)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
-    stop = StopRequest()
-    if rt.is_main:
-        console.print(f"[bold]{run_dir}[/]: {sum(p.numel() for p in model.parameters()):,} parameters, "
-                      f"lr {lr:.3g} (base {cfg.base_lr:g} x batch {cfg.batch_size} x accumulate "
-                      f"{cfg.accumulate} x {rt.world_size} process(es)), device {rt.device}, {cfg.precision}")
-        if recipe.loss.lpips_backbone == "random" and recipe.loss.perceptual_weight > 0:
+    def attach(self, forward: nn.Module, log: RunLog | None = None, run_dir: Path | None = None) -> None:
+        if self.cfg.compile:
+            # The adaptive weight differentiates the same graph twice (retain_graph=True), which
+            # compiled backwards only allow without donated buffers.
+            torch._functorch.config.donated_buffer = False
+        self.forward = forward
+        if log is None or run_dir is None:
+            return
+        self.log, self.run_dir = log, run_dir
+        if not self.rt.is_main:
+            return
+        self.val_inputs = _val_batches(self.recipe, self.n_labels)
+        self.large_inputs = _large_val_inputs(self.recipe)
+        cfg = self.cfg
+        console.print(f"[bold]{run_dir}[/]: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
+                      f"lr {self.lr:.3g} (base {cfg.base_lr:g} x batch {cfg.batch_size} x accumulate "
+                      f"{cfg.accumulate} x {self.rt.world_size} process(es)), device {self.rt.device}, "
+                      f"{cfg.precision}")
+        if self.recipe.loss.lpips_backbone == "random" and self.recipe.loss.perceptual_weight > 0:
             console.print("[yellow]loss.lpips_backbone=random: perceptual numbers mean nothing "
                           "(a random VGG); use it for tests only[/]")
 
-    def save_checkpoint(at_step: int) -> None:
-        rngs = gather_rng(rt)
-        if not rt.is_main:
-            return
-        state = {"step": at_step, "epoch": stream.position.epoch, "batch": stream.position.batch,
-                 "opt_ae": opt_ae.state_dict(), "quantizer": core.quantize.training_state(),
-                 "rng": rngs,
-                 "nonfinite": guard.total, "nonfinite_in_a_row": guard.in_a_row,
-                 "skipped": skipped_total}
-        if disc is not None:
-            state.update(opt_d=opt_d.state_dict(), discriminator=disc.state_dict())
-        ckpts.save(at_step, state, lambda p: save_tokenizer(p, core, {"step": at_step}))
-
-    start_time, start_step = time.perf_counter(), step
-    warned: set[str] = set()
-    val_result: dict = {}
-    window = {"t": time.perf_counter(), "step": step}
-    stopped: int | None = None
-    shown: tuple[float, str] = (0.0, "")
-    try:
-        with TrainProgress(cfg.max_steps, step, f"train-tokenizer {run_dir.name}", rt.is_main) as bar:
-            while step < cfg.max_steps:
-                if R.any_rank(stop.requested, rt):
-                    stopped = stop.exit_code if stop.requested else 130
+    def step(self, batches: Iterator[dict], step: int) -> StepOut:
+        """Generator loss and backward, then the discriminator's on the detached reconstruction."""
+        acc, rt = self.cfg.accumulate, self.rt
+        self.model.train()
+        self.model.set_step(step)
+        self._disc_factor = self.loss_fn.disc_factor_at(step)
+        self._use_disc = self.loss_fn.uses_discriminator and self._disc_factor > 0
+        self.opt_ae.zero_grad(set_to_none=True)
+        if self.opt_d is not None:
+            self.opt_d.zero_grad(set_to_none=True)
+        finite, logs, notes = True, {}, []
+        for micro, batch in enumerate(batches):
+            notes += self._skipped(batch)
+            x = model_input(batch, self.modality, self.n_labels).to(rt.device, non_blocking=True)
+            if self.cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with R.maybe_no_sync(self.forward, micro != acc - 1):
+                with self.amp:
+                    out = self.forward(x)
+                    gl = self.loss_fn.generator_loss(x, out.x_hat, out.q_loss, step, self.model.last_layer)
+                finite = all_finite(gl.total, rt)
+                if not finite:
                     break
-                model.train()
-                core.set_step(step)
-                disc_factor = loss_fn.disc_factor_at(step)
-                use_disc = loss_fn.uses_discriminator and disc_factor > 0
-                opt_ae.zero_grad(set_to_none=True)
-                if opt_d is not None:
-                    opt_d.zero_grad(set_to_none=True)
-                finite, logs = True, {}
-                for micro in range(cfg.accumulate):
-                    batch = stream.next()
-                    for msg in batch.get("skipped", []):
-                        skipped_total += 1
-                        if msg not in warned:
-                            warned.add(msg)
-                            bar.log(f"[yellow]skipped[/] {msg}")
-                    x = model_input(batch, modality, n_labels).to(rt.device, non_blocking=True)
-                    if cfg.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    last_micro = micro == cfg.accumulate - 1
-                    with R.maybe_no_sync(train_model, not last_micro):
-                        with amp:
-                            out = train_model(x)
-                            gl = loss_fn.generator_loss(x, out.x_hat, out.q_loss, step, core.last_layer)
-                        finite = not R.any_rank(not bool(torch.isfinite(gl.total)), rt)
-                        if not finite:
-                            break
-                        scaler.scale(gl.total / cfg.accumulate).backward()
-                    if use_disc:
-                        with amp:
-                            dl = loss_fn.discriminator_loss(x, out.x_hat.detach(), step)
-                        finite = not R.any_rank(not bool(torch.isfinite(dl.total)), rt)
-                        if not finite:
-                            break
-                        scaler.scale(dl.total / cfg.accumulate).backward()
-                        accumulate_logs(logs, {"d_loss": dl.total, "logits_real": dl.logits_real,
-                                               "logits_fake": dl.logits_fake}, cfg.accumulate)
-                    accumulate_logs(logs, {"loss": gl.total, "nll": gl.nll, "rec": gl.rec,
-                                           "perceptual": gl.perceptual, "g_loss": gl.g_loss,
-                                           "adaptive_weight": gl.adaptive_weight, "q_loss": gl.q_loss,
-                                           "perplexity": out.perplexity}, cfg.accumulate)
-                guard.record(finite, step)
-                if finite:
-                    optimizer_step(opt_ae, model, scaler, cfg.grad_clip)
-                    if use_disc:
-                        R.average_gradients(disc, rt)
-                        optimizer_step(opt_d, disc, scaler, cfg.grad_clip)
-                    scaler.update()
-                else:
-                    opt_ae.zero_grad(set_to_none=True)
-                    if opt_d is not None:
-                        opt_d.zero_grad(set_to_none=True)
-                    bar.log(f"[red]non-finite loss at step {step}: step skipped "
-                            f"({guard.in_a_row} in a row, {guard.total} in all)[/]")
-                if disc is not None:
-                    R.broadcast_buffers(disc, rt)
-                step += 1
+                self.scaler.scale(gl.total / acc).backward()
+            if self._use_disc:
+                with self.amp:
+                    dl = self.loss_fn.discriminator_loss(x, out.x_hat.detach(), step)
+                finite = all_finite(dl.total, rt)
+                if not finite:
+                    break
+                self.scaler.scale(dl.total / acc).backward()
+                accumulate_logs(logs, {"d_loss": dl.total, "logits_real": dl.logits_real,
+                                       "logits_fake": dl.logits_fake}, acc)
+            accumulate_logs(logs, {"loss": gl.total, "nll": gl.nll, "rec": gl.rec, "perceptual": gl.perceptual,
+                                   "g_loss": gl.g_loss, "adaptive_weight": gl.adaptive_weight,
+                                   "q_loss": gl.q_loss, "perplexity": out.perplexity}, acc)
+        if self.disc is not None:
+            R.broadcast_buffers(self.disc, rt)  # BatchNorm statistics: rank 0's everywhere
+        return StepOut(finite, logs, tuple(notes))
 
-                if due(step, cfg.log_every, cfg.max_steps):
-                    now = time.perf_counter()
-                    rate = (step - window["step"]) * cfg.batch_size * cfg.accumulate * rt.world_size / max(
-                        now - window["t"], 1e-9)
-                    window = {"t": now, "step": step}
-                    usage = core.quantize.usage()
-                    metrics.write({"step": step, "split": "train", **logs, "disc_factor": disc_factor,
-                                   "codebook_usage": usage, "lr": lr, "images_per_s": rate,
-                                   "skipped_files": skipped_total, "nonfinite_steps": guard.total})
-                    metrics.code_histogram("train/codes_used", core.quantize, step)
-                    shown = (rate, f"loss {logs.get('loss', float('nan')):.4f} usage {usage:.2f}")
-                bar.update(step, shown[0], "img", shown[1])
-                if rt.is_main and due(step, cfg.image_every, cfg.max_steps) and val_inputs:
-                    _write_grid(run_dir / "images" / f"step_{step:07d}.png", core, val_inputs[0][:8],
-                                modality, amp)
-                    metrics.image("reconstructions", run_dir / "images" / f"step_{step:07d}.png", step)
-                if due(step, cfg.val_every, cfg.max_steps):
-                    if rt.is_main and val_inputs:
-                        val_result = evaluate_tokenizer(core, [v.to(rt.device) for v in val_inputs],
-                                                        modality, loss_fn.perceptual_loss, amp)
-                        if large_inputs:
-                            large = evaluate_tokenizer(core, [v.to(rt.device) for v in large_inputs],
-                                                       modality, loss_fn.perceptual_loss, amp)
-                            val_result.update({f"large_{k}": v for k, v in large.items()})
-                            _write_grid(run_dir / "images" / f"large_step_{step:07d}.png", core,
-                                        large_inputs[0].to(rt.device), modality, amp)
-                            metrics.image("reconstructions_large",
-                                          run_dir / "images" / f"large_step_{step:07d}.png", step)
-                        metrics.write({"step": step, "split": "val", **val_result})
-                        bar.log(f"step {step} validation: " + ", ".join(
-                            f"{k} {v:.4g}" for k, v in val_result.items() if k != "images"))
-                    R.barrier(rt)
-                if due(step, cfg.ckpt_every, cfg.max_steps):
-                    save_checkpoint(step)
-        if stopped is not None:
-            save_checkpoint(step)
-    finally:
-        metrics.close()
-        stop.close()
-        stream.close()
-        R.shutdown(rt)
+    def _skipped(self, batch: dict) -> list[str]:
+        """Count the files the data skipped; name each kind of problem once."""
+        notes = []
+        for msg in batch.get("skipped", []):
+            self.skipped += 1
+            if msg not in self._warned:
+                self._warned.add(msg)
+                notes.append(f"[yellow]skipped[/] {msg}")
+        return notes
 
-    final = run_dir / "tokenizer.safetensors"
-    if rt.is_main and stopped is None:
-        save_tokenizer(final, core, {"step": step, "run": str(run_dir), "val": val_result})
-    seconds = time.perf_counter() - start_time
-    result = TrainResult(run_dir, final, step, seconds, val_result, skipped_total, guard.total, stopped)
-    if rt.is_main:
-        draw_curves(run_dir)
-        report_end("train-tokenizer summary", run_dir, step, start_step, seconds, guard.total, stopped,
-                   {"skipped files": skipped_total,
-                    "tokenizer": str(final) if stopped is None else "(not final)"}, val_result)
-    return result
+    def apply(self, step: int) -> dict[str, float]:
+        optimizer_step(self.opt_ae, self.model, self.scaler, self.cfg.grad_clip)
+        if self._use_disc:
+            R.average_gradients(self.disc, self.rt)  # not DDP-wrapped: see the module doc
+            optimizer_step(self.opt_d, self.disc, self.scaler, self.cfg.grad_clip)
+        self.scaler.update()
+        return {}
+
+    def train_log(self, logs: dict[str, float], rate: float, state: TrainState) -> TrainLog:
+        usage = self.model.quantize.usage()
+        if self.log is not None:
+            self.log.code_histogram("train/codes_used", self.model.quantize, state.step)
+        record = {**logs, "disc_factor": self._disc_factor, "codebook_usage": usage, "lr": self.lr,
+                  "images_per_s": rate, "skipped_files": self.skipped}
+        return TrainLog(record, f"loss {logs.get('loss', float('nan')):.4f} usage {usage:.2f}")
+
+    def images(self, step: int) -> None:
+        if self.log is None or not self.val_inputs:
+            return
+        png = self.run_dir / "images" / f"step_{step:07d}.png"
+        _write_grid(png, self.model, self.val_inputs[0][:8], self.modality, self.amp)
+        self.log.image("reconstructions", png, step)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        if self.log is None or not self.val_inputs:
+            return {}
+        device = self.rt.device
+        val = validate(self.model, [v.to(device) for v in self.val_inputs], self.modality,
+                       self.loss_fn.perceptual_loss, self.amp)
+        if self.large_inputs:
+            large = validate(self.model, [v.to(device) for v in self.large_inputs], self.modality,
+                             self.loss_fn.perceptual_loss, self.amp)
+            val.update({f"large_{k}": v for k, v in large.items()})
+            png = self.run_dir / "images" / f"large_step_{step:07d}.png"
+            _write_grid(png, self.model, self.large_inputs[0].to(device), self.modality, self.amp)
+            self.log.image("reconstructions_large", png, step)
+        return val
+
+    def val_text(self, val: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.4g}" for k, v in val.items() if k != "images")
+
+    def summary(self, final: Path | None) -> dict[str, Any]:
+        return {"skipped files": self.skipped, "tokenizer": str(final) if final is not None else "(not final)"}
+
+    def state_dict(self) -> dict:
+        state = {"opt_ae": self.opt_ae.state_dict(), "quantizer": self.model.quantize.training_state(),
+                 "skipped": self.skipped}
+        if self.disc is not None:
+            state.update(opt_d=self.opt_d.state_dict(), discriminator=self.disc.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt_ae.load_state_dict(state["opt_ae"])
+        if self.disc is not None:
+            self.opt_d.load_state_dict(state["opt_d"])
+            self.disc.load_state_dict(state["discriminator"])
+        self.model.quantize.load_training_state(state["quantizer"])
+        self.skipped = int(state["skipped"])
+
+    def load_weights(self, path: Path) -> None:
+        self.model.load_state_dict(read_weights(path).state_dict)
+
+    def save_weights(self, path: Path, info: dict) -> None:
+        save_tokenizer(path, self.model, info)
+
+
+def train_tokenizer(recipe: TokenizerRecipe, run_name: str, overwrite: bool = False) -> TrainResult:
+    """Train (or resume) the tokenizer run of ``recipe``; returns where its weights are."""
+    cfg = recipe.train
+    run_dir = Path(cfg.out_dir or f"runs/{recipe.name or run_name}")
+    rt = open_run(cfg, to_dict(recipe), run_dir, overwrite)
+    stage = TokenizerStage(recipe, rt)
+    dataset = build_dataset(recipe.data, "train", recipe.model.modality, recipe.model.n_labels, seed=cfg.seed)
+    stream = BatchStream(dataset, cfg.batch_size, recipe.data.workers, cfg.seed, rt, collate)
+    res = run(stage, cfg, stream, run_dir, rt)
+    return TrainResult(res.run_dir, res.weights, res.steps, res.seconds, res.val, stage.skipped, res.nonfinite,
+                       res.stopped_by_signal)
 
 
 @torch.no_grad()

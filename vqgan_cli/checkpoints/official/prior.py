@@ -40,11 +40,6 @@ def is_transformer_state(state: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith("transformer.") for k in state)
 
 
-def _tokens_of(tok: VQGAN) -> int:
-    """How many distinct tokens a tokenizer emits (its codebook, or its remapped range)."""
-    return getattr(tok.quantize, "n_tokens", tok.config.quantizer.n_embed)
-
-
 def infer_gpt_config(state: dict[str, torch.Tensor], source: str, n_head: int | None,
                      tcfg: dict | None = None, yaml_name: str = "") -> GPTConfig:
     """GPTConfig from ``transformer.*`` shapes; YAML values (``tcfg``) are checked against them."""
@@ -213,8 +208,8 @@ def build_prior(state: dict[str, torch.Tensor], source: str, model_yaml: dict | 
         cond.downsample_size = int(params.get("downsample_cond_size", -1))
         dropped.update({"cond_stage_model." + k: v for k, v in built.dropped.items()})
     for name, tok in (("first_stage_model", first.model), ("cond_stage_model", cond_tok)):
-        if tok is not None and _tokens_of(tok) > gpt_cfg.vocab_size:
-            raise CheckpointError(f"{source}: {name} emits {_tokens_of(tok)} tokens but "
+        if tok is not None and tok.n_tokens > gpt_cfg.vocab_size:
+            raise CheckpointError(f"{source}: {name} emits {tok.n_tokens} tokens but "
                                   f"transformer.tok_emb.weight has only {gpt_cfg.vocab_size} rows")
 
     fs_cfg = first.model.config.autoencoder

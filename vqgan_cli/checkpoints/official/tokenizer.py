@@ -9,12 +9,9 @@ resolution, which only decides *where* attention sits: ``attn_resolutions`` are 
 ``resolution / 2^level`` (resolution 256 unless the YAML or caller says otherwise). When the
 model's YAML is given its values are used, but each is checked against the shapes first.
 
-``quantize.used`` (the reference's ``remap``): the model's tokens are positions in this list of
-used codebook entries, not raw codebook indices. Encoding maps a code to its first position in
-``used``; a code absent from it becomes ``unknown_index``: ``"random"`` (the reference's
-default: a uniformly random token, so such encodes are not deterministic), ``"extra"`` (one
-extra token ``len(used)``, which decodes as ``used[0]``) or a fixed integer. Decoding maps a
-token ``t`` back to code ``used[t]``.
+``quantize.used`` (the reference's ``remap``) sets the quantizer's ``n_used`` to its length and
+``unknown_index`` to the caller's choice; the quantizer does the remapping
+(:mod:`vqgan_cli.models.quantizers`).
 """
 
 from __future__ import annotations
@@ -36,65 +33,10 @@ from vqgan_cli.checkpoints.official.common import (
 )
 from vqgan_cli.config import ConfigError, from_dict, to_dict
 from vqgan_cli.models.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
-from vqgan_cli.models.quantizers import Quantized
 from vqgan_cli.models.vqgan import VQGAN
 
 DEFAULT_RESOLUTION = 256
 REFERENCE_GUMBEL_KL = 1e-8  # GumbelVQ's default and the released f8 value
-
-
-class _Remapped:
-    """Mixin over a quantizer class: tokens are positions in the ``used`` buffer."""
-
-    used: torch.Tensor
-    unknown_index: int | str
-
-    @property
-    def n_tokens(self) -> int:
-        """Size of the token vocabulary the prior sees (``len(used)``, +1 with ``extra``)."""
-        return self.used.numel() + (1 if self.unknown_index == "extra" else 0)
-
-    def remap_to_used(self, indices: torch.Tensor) -> torch.Tensor:
-        n_used = self.used.numel()
-        pos = torch.arange(n_used, device=indices.device)
-        table = torch.full((self.n_embed,), n_used, dtype=torch.long, device=indices.device)
-        table = table.scatter_reduce(0, self.used.to(indices.device).long(), pos, reduce="amin")
-        new = table[indices]
-        unknown = new == n_used
-        if self.unknown_index == "random":
-            new[unknown] = torch.randint(0, self.n_tokens, (int(unknown.sum()),), device=new.device)
-        elif self.unknown_index != "extra":
-            new[unknown] = int(self.unknown_index)
-        return new
-
-    def unmap_to_all(self, tokens: torch.Tensor) -> torch.Tensor:
-        used = self.used.to(tokens.device).long()
-        if self.unknown_index == "extra":
-            tokens = torch.where(tokens >= used.numel(), 0, tokens)
-        return used[tokens]
-
-    def forward(self, z: torch.Tensor) -> Quantized:
-        q = super().forward(z)  # type: ignore[misc]
-        return q._replace(indices=self.remap_to_used(q.indices))
-
-    def codes(self, indices: torch.Tensor) -> torch.Tensor:
-        return super().codes(self.unmap_to_all(indices))  # type: ignore[misc]
-
-
-def install_remap(model: VQGAN, used: torch.Tensor, unknown_index: int | str = "random") -> None:
-    """Give ``model.quantize`` the reference's index remap (adds the ``quantize.used`` buffer)."""
-    if not (unknown_index in ("random", "extra") or isinstance(unknown_index, int)):
-        raise ValueError(f"unknown_index must be 'random', 'extra' or an int, got {unknown_index!r}")
-    q = model.quantize
-    base = type(q)
-    q.__class__ = type(f"Remapped{base.__name__}", (_Remapped, base), {"__module__": __name__})
-    q.register_buffer("used", used.detach().clone().long())
-    q.unknown_index = unknown_index
-
-
-def remap_setting(model: VQGAN) -> int | str | None:
-    """The model's ``unknown_index`` if it remaps its tokens, else None."""
-    return model.quantize.unknown_index if isinstance(model.quantize, _Remapped) else None
 
 
 def _level_ids(state: dict[str, torch.Tensor], pattern: str) -> list[int]:
@@ -318,8 +260,9 @@ def build_tokenizer(state: dict[str, torch.Tensor], source: str, model_yaml: dic
                                          resolution, prefix, yaml_path)
     else:
         cfg = infer_tokenizer_config(weights, source, resolution, prefix)
-    model = VQGAN(cfg)
     if "quantize.used" in weights:
-        install_remap(model, weights["quantize.used"], unknown_index)
+        remap = replace(cfg.quantizer, n_used=weights["quantize.used"].numel(), unknown_index=unknown_index)
+        cfg = replace(cfg, quantizer=remap)
+    model = VQGAN(cfg)
     strict_load(model, weights, source, prefix)
     return OfficialTokenizer(model.eval(), dropped)
