@@ -12,7 +12,7 @@ same maths, not against a second copy of our own code:
   runs once for the generator update and *again* for the discriminator update.
 
 Module and parameter names are the official ones (and therefore ours), so a ``vqgan_cli`` VQGAN's
-state dict loads here with ``strict=True``; ``tests/test_benchmarks.py`` uses that to check that both
+state dict loads here with ``strict=True``; ``tests/benchmarks/test_benchmarks.py`` uses that to check that both
 compute the same reconstruction and the same losses.
 
 One choice in the reference's favour: its framework switches off ``requires_grad`` on the other

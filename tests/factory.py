@@ -41,13 +41,13 @@ def seeded(seed: int) -> Iterator[None]:
 def tokenizer_config(*, resolution: int = 16, ch_mult: tuple[int, ...] = (1, 2),
                      attn_resolutions: tuple[int, ...] = (8,), z_channels: int = 8, ch: int = 32,
                      n_embed: int = 16, embed_dim: int = 8, kind: str = "vq", modality: str = "image",
-                     n_labels: int | None = None, **quantizer) -> TokenizerConfig:
+                     n_labels: int | None = None, norm: str = "group", **quantizer) -> TokenizerConfig:
     """A 32-channel, one-block-per-level tokenizer: f = 2 ** (len(ch_mult) - 1); 3 channels for
     images, 1 for depth, ``n_labels`` one-hot channels for segmentation."""
     channels = n_labels if modality == "segmentation" else (1 if modality == "depth" else 3)
     ae = AutoencoderConfig(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=1, attn_resolutions=tuple(attn_resolutions),
                            in_channels=channels, out_channels=channels, resolution=resolution,
-                           z_channels=z_channels)
+                           z_channels=z_channels, norm=norm)
     qc = QuantizerConfig(kind=kind, n_embed=n_embed, embed_dim=embed_dim, **quantizer)
     return TokenizerConfig(modality=modality, n_labels=n_labels if modality == "segmentation" else None,
                            autoencoder=ae, quantizer=qc)
@@ -143,6 +143,26 @@ def saved_prior(path: Path, model: Prior, tokenizer_model: VQGAN | None = None,
     return save_prior(path, model, info)
 
 
+def demo_checkpoints(d: Path) -> dict[str, Path]:
+    """What the demo page is tried with: a pixel-norm f4 tokenizer (16 codes, 16 px crops, as the
+    quickstart's norm) ``tok``, and priors over its 4x4 grids that name it: ``labels`` (8 landscape
+    labels), ``class`` (5 classes), ``sos`` and ``sr`` (lowres:2)."""
+    d.mkdir(parents=True, exist_ok=True)
+    tok_cfg = demo_tokenizer_config()
+    tok = tokenizer(tok_cfg)
+    paths = {"tok": saved_tokenizer(d / "tok.safetensors", tok)}
+    conds = {"labels": cond_config("labels", label_factor=4), "class": cond_config("class"),
+             "sos": cond_config("sos"), "sr": cond_config("lowres", tokenizer=tok_cfg)}
+    for i, (name, cond) in enumerate(conds.items()):
+        model = prior(cond, seed=2 + i, spread=0.3, image_vocab=16)
+        paths[name] = saved_prior(d / f"{name}.safetensors", model, tok)
+    return paths
+
+
+def demo_tokenizer_config() -> TokenizerConfig:
+    return tokenizer_config(ch_mult=(1, 2, 2), attn_resolutions=(), norm="pixel")
+
+
 # ---- token shards --------------------------------------------------------------------------------
 
 def token_shards(root: Path, n: int = 48, grid: tuple[int, int] = (4, 4), n_embed: int = 32,
@@ -153,7 +173,6 @@ def token_shards(root: Path, n: int = 48, grid: tuple[int, int] = (4, 4), n_embe
     carry their position in their top row so crops can be checked for alignment."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
-    entries = []
     samples = []
     for i in range(n):
         cond = rng.integers(0, cond_vocab or 6, grid)
@@ -161,14 +180,7 @@ def token_shards(root: Path, n: int = 48, grid: tuple[int, int] = (4, 4), n_embe
         samples.append(TokenSample(f"img-{i:04d}", tokens.astype(token_dtype(n_embed)),
                                    cond.astype(token_dtype(cond_vocab)) if cond_vocab else None,
                                    i % classes if classes else None))
-    for s, start in enumerate(range(0, n, per_shard)):
-        w = ShardWriter(root / shard_name(s))
-        for smp in samples[start:start + per_shard]:
-            w.write(smp)
-        digest = w.close()
-        entries.append({"index": s, "name": shard_name(s), "count": w.count, "sha256": digest,
-                        "bytes": (root / shard_name(s)).stat().st_size, "items": [start, start + w.count],
-                        "skipped": []})
+    entries = write_shards(root, samples, per_shard)
     manifest = {"format": MANIFEST_FORMAT, "version": 1, "complete": True,
                 "tokenizer": {"path": "tok.safetensors", "weights_sha256": sha, "n_embed": n_embed,
                               "factor": 8},
@@ -228,3 +240,17 @@ def prior_recipe(shards: Path, out: Path, *overrides: str):
     from vqgan_cli.train.prior import PriorRecipe
 
     return _recipe(PriorRecipe, PRIOR_RECIPE, overrides, data={"shards": str(shards)}, train={"out_dir": str(out)})
+
+
+def write_shards(root: Path, samples: list, per_shard: int) -> list[dict]:
+    """Write ``samples`` (TokenSample) as shards of ``per_shard`` into ``root``; their manifest entries."""
+    entries = []
+    for s, start in enumerate(range(0, len(samples), per_shard)):
+        w = ShardWriter(root / shard_name(s))
+        for smp in samples[start:start + per_shard]:
+            w.write(smp)
+        digest = w.close()
+        entries.append({"index": s, "name": shard_name(s), "count": w.count, "sha256": digest,
+                        "bytes": (root / shard_name(s)).stat().st_size, "items": [start, start + w.count],
+                        "skipped": []})
+    return entries

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from factory import write_shards
 from torch.utils.data import DataLoader
 
 from vqgan_cli.shards.format import (
@@ -46,15 +47,7 @@ def write_folder(root: Path, samples: list[TokenSample], per_shard: int, n_embed
                  flip=False) -> Path:
     """A minimal complete shard folder, as encode-dataset would leave it."""
     root.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for s, i in enumerate(range(0, len(samples), per_shard)):
-        w = ShardWriter(root / shard_name(s))
-        for smp in samples[i:i + per_shard]:
-            w.write(smp)
-        sha = w.close()
-        entries.append({"index": s, "name": shard_name(s), "count": w.count, "sha256": sha,
-                        "bytes": (root / shard_name(s)).stat().st_size, "items": [i, i + w.count],
-                        "skipped": []})
+    entries = write_shards(root, samples, per_shard)
     grid = list(samples[0].tokens.shape)
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "complete": True,
                 "tokenizer": {"n_embed": n_embed}, "dtype": token_dtype(n_embed).name,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from vqgan_cli.cli.app import app
-from vqgan_cli.cli.guard import invocation, note, run_guarded
+from vqgan_cli.cli.guard import fail, invocation, note, run_guarded
 from vqgan_cli.cli.options import (
     Decode,
     Device,
@@ -112,3 +112,19 @@ def upscale_cmd(
 
     req = UpscaleRequest(**fields_of(UpscaleRequest, locals(), command=invocation("upscale")))
     _report(f"upscaled {image}", run_guarded(lambda: run_upscale(req)))
+
+
+@app.command("demo", rich_help_panel="Sample")
+def demo_cmd(
+    prior: Annotated[str, typer.Option(help="prior checkpoint (.safetensors), an official .ckpt or its run folder")],
+    tokenizer: Tokenizer = None,
+    host: Annotated[str, typer.Option(help="address to bind (127.0.0.1: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port of the page")] = 7860,
+    device: Device = "auto",
+) -> None:
+    """A local web page: pick, upload or paint a map, press Sample, watch the image appear."""
+    from vqgan_cli.demo import INSTALL_HINT, gradio_available, serve
+
+    if not gradio_available():
+        raise fail(INSTALL_HINT, 2)
+    run_guarded(lambda: serve(prior, tokenizer, host, port, device))

@@ -88,13 +88,13 @@ def plan_sample(req: SampleRequest, models: Models, notes: list[str]) -> Plan:
     return Plan(seeds, classes, (h, w), crop, cond, init, known)
 
 
-def _raster(prior: Prior) -> bool:
+def reads_raster(prior: Prior) -> bool:
     return prior.config.permuter == "identity"
 
 
 def _check_raster(prior: Prior, grid: tuple[int, int], crop: tuple[int, int], option: str) -> None:
     """The sliding windows read tokens in raster order: another reading order only at the crop."""
-    if grid != crop and not _raster(prior):
+    if grid != crop and not reads_raster(prior):
         raise SampleUsageError(
             f"{option}: this prior reads tokens in '{prior.config.permuter}' order; the sliding "
             f"window (`window`) needs row-major (raster) order, so only the crop size "

@@ -26,10 +26,17 @@ from vqgan_cli.images import save_grid, save_png
 from vqgan_cli.sample.choices import DEFAULT_WINDOW
 from vqgan_cli.sample.decode import decode_grid
 from vqgan_cli.sample.inputs import Models, SampleUsageError, checkpoint_hashes, load_models
-from vqgan_cli.sample.plan import Plan, check_window_options, plan_sample, plan_upscale, sampling_options
+from vqgan_cli.sample.plan import (
+    Plan,
+    check_window_options,
+    plan_sample,
+    plan_upscale,
+    reads_raster,
+    sampling_options,
+)
 from vqgan_cli.sample.request import SampleRequest, UpscaleRequest
 from vqgan_cli.sample.tokens import SamplingOptions, make_generators, sample_sequence
-from vqgan_cli.sample.window import Conditioning, precision_context, sample_window
+from vqgan_cli.sample.window import Conditioning, StepHook, precision_context, sample_window
 
 
 class SampleReport(NamedTuple):
@@ -56,9 +63,10 @@ def _fixed_cond(models: Models, classes: list[int | None]) -> torch.Tensor | Non
 @torch.no_grad()
 def sample_batch(models: Models, plan: Plan, opts: SamplingOptions, idx: list[int],
                  window: str = DEFAULT_WINDOW, cache: bool = True, precision: str = "fp32",
-                 segment: int | None = None,
-                 window_memory: float | None = None) -> torch.Tensor:
-    """Tokens (b, h, w) of the images ``idx`` of the plan."""
+                 segment: int | None = None, window_memory: float | None = None,
+                 on_step: StepHook | None = None) -> torch.Tensor:
+    """Tokens (b, h, w) of the images ``idx`` of the plan. ``on_step``: progress hook
+    (:data:`vqgan_cli.sample.window.StepHook`; at the crop size rows count only for raster order)."""
     prior = models.prior
     B, (h, w) = len(idx), plan.grid
     gens = make_generators([plan.seeds[i] for i in idx])
@@ -72,8 +80,19 @@ def sample_batch(models: Models, plan: Plan, opts: SamplingOptions, idx: list[in
         prefix = None
         if plan.init is not None and plan.known is not None:
             prefix = prior.permute(plan.init.expand(B, h, w))[:, :int(plan.known.sum())]
+        on_token = None
+        if on_step is not None:
+            buf = torch.zeros(B, h * w, dtype=torch.long, device=dev)
+            n_known = 0 if prefix is None else prefix.shape[1]
+            if prefix is not None:
+                buf[:, :n_known] = prefix
+            raster = reads_raster(prior)
+
+            def on_token(tok: torch.Tensor, pos: int) -> None:
+                buf[:, pos] = tok
+                on_step(buf.view(B, h, w), (pos + 1) // w if raster else 0, pos + 1 - n_known)
         with precision_context(prior.gpt, precision):
-            seq = sample_sequence(prior.gpt, c, h * w, opts, gens, prefix, null, cached=cache)
+            seq = sample_sequence(prior.gpt, c, h * w, opts, gens, prefix, null, cached=cache, on_token=on_token)
         return prior.unpermute(seq).reshape(B, h, w)
     cond = Conditioning(grid=spatial, fixed=fixed)
     if guided:
@@ -83,7 +102,7 @@ def sample_batch(models: Models, plan: Plan, opts: SamplingOptions, idx: list[in
             cond.null_fixed = prior.null_cond(B, 1)
     init = plan.init.expand(B, h, w) if plan.init is not None else torch.zeros(B, h, w, dtype=torch.long)
     return sample_window(prior.gpt, cond, init.to(dev), plan.crop, opts, gens, plan.known, window,
-                         segment, precision=precision, memory_mib=window_memory)
+                         segment, precision=precision, memory_mib=window_memory, on_step=on_step)
 
 
 def _sidecar(path: Path, data: dict[str, Any]) -> None:
@@ -139,8 +158,10 @@ def prepare(req: SampleRequest | UpscaleRequest,
     return models, opts, plan, notes
 
 
-def run_sample(req: SampleRequest, models: Models | None = None) -> SampleReport:
-    """The whole ``vqgan sample``: check, sample in batches, decode, write images and sidecars."""
+def run_sample(req: SampleRequest, models: Models | None = None,
+               on_step: StepHook | None = None) -> SampleReport:
+    """The whole ``vqgan sample``: check, sample in batches, decode, write images and sidecars.
+    ``on_step``: progress hook passed to every batch (the demo's partial images and Stop)."""
     models, opts, plan, notes = prepare(req, models)
     hashes = checkpoint_hashes(models)
     out = Path(req.out)
@@ -166,7 +187,7 @@ def run_sample(req: SampleRequest, models: Models | None = None) -> SampleReport
             idx = todo[start:start + req.batch_size]
             t0 = time.perf_counter()
             tokens = sample_batch(models, plan, opts, idx, req.window, req.cache, req.precision,
-                                  req.segment, req.window_memory)
+                                  req.segment, req.window_memory, on_step)
             seconds += time.perf_counter() - t0
             for k, i in enumerate(idx):
                 pixels = decode_grid(models.tokenizer, tokens[k:k + 1], mode=req.decode).image[0].cpu()
@@ -194,8 +215,10 @@ def run_sample(req: SampleRequest, models: Models | None = None) -> SampleReport
     return SampleReport(files, grid_path, (w * f, h * f), n_drawn, seconds, notes)
 
 
-def run_upscale(req: UpscaleRequest, models: Models | None = None) -> SampleReport:
-    """The whole ``vqgan upscale``: one image in, ``n`` stochastic super-resolutions out."""
+def run_upscale(req: UpscaleRequest, models: Models | None = None,
+                on_step: StepHook | None = None) -> SampleReport:
+    """The whole ``vqgan upscale``: one image in, ``n`` stochastic super-resolutions out.
+    ``on_step``: progress hook (as for :func:`run_sample`)."""
     models, opts, plan, notes = prepare(req, models)
     hashes = checkpoint_hashes(models)
     out = Path(req.out)
@@ -205,7 +228,7 @@ def run_upscale(req: UpscaleRequest, models: Models | None = None) -> SampleRepo
     for i in range(req.n):
         t0 = time.perf_counter()
         tokens = sample_batch(models, plan, opts, [i], req.window, True, req.precision, req.segment,
-                              req.window_memory)
+                              req.window_memory, on_step)
         seconds += time.perf_counter() - t0
         pixels = decode_grid(models.tokenizer, tokens, mode=req.decode).image[0].cpu()
         suffix = out.suffix or ".png"

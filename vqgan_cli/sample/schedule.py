@@ -4,6 +4,7 @@ the ``exact`` and ``fast`` schemes (:mod:`vqgan_cli.sample.window`) batch their 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,6 +14,11 @@ from vqgan_cli.sample.tokens import SamplingError
 
 # --------------------------------------------------------------------------------------------
 # the reference's window rule
+
+# Called after every step of a sampler with the grid (B, H, W) as drawn so far, the number of
+# leading rows that are complete and the number of tokens drawn: lets a caller show partial
+# images or stop the work (by raising) without the sampler knowing about either.
+StepHook = Callable[[torch.Tensor, int, int], None]
 
 
 def local_offset(i: int, size: int, crop: int) -> int:
@@ -108,6 +114,14 @@ class WindowPlan:
             delta[s] += 1
             delta[last[t] + 1] -= 1
         return int(np.cumsum(delta).max()) if first else 0
+
+    def progress(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per step: (leading rows complete, tokens drawn) once that step has run."""
+        n = max(self.n_steps, 1)
+        row_last = np.maximum.accumulate(self.steps.max(axis=1))  # step finishing rows 0..i
+        rows = np.searchsorted(row_last, np.arange(n), side="right")
+        drawn = np.bincount(self.steps[self.steps >= 0].ravel(), minlength=n)
+        return rows, np.cumsum(drawn)
 
 
 def _bands(H: int, ch: int, rows: int) -> list[tuple[int, int, int]]:

@@ -16,6 +16,7 @@ one uniform number per grid position instead of one per step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -149,12 +150,14 @@ class Guided:
 @torch.no_grad()
 def sample_sequence(gpt: GPT, cond: torch.Tensor, n_tokens: int, opts: SamplingOptions,
                     generators: list[torch.Generator], prefix: torch.Tensor | None = None,
-                    null_cond: torch.Tensor | None = None, cached: bool = True) -> torch.Tensor:
+                    null_cond: torch.Tensor | None = None, cached: bool = True,
+                    on_token: Callable[[torch.Tensor, int], None] | None = None) -> torch.Tensor:
     """Sample ``n_tokens`` image tokens (reading order) after conditioning ``cond`` (B, Lc).
 
     ``prefix`` (B, Lp): known first tokens (completion), kept and extended. ``cached``: prefill
     once, then one token per step through the key/value cache; otherwise a full forward per
-    token (the reference's plain loop), which draws the very same tokens.
+    token (the reference's plain loop), which draws the very same tokens. ``on_token``: called
+    with each new token (B,) and its position, so a caller can show progress or stop (by raising).
     """
     B, Lc = cond.shape
     if len(generators) != B:
@@ -172,6 +175,8 @@ def sample_sequence(gpt: GPT, cond: torch.Tensor, n_tokens: int, opts: SamplingO
                          None if null_cond is None else torch.cat((null_cond, tokens), 1))
             nxt = pick_tokens(g.full_last(seq), opts, generators)
             tokens = torch.cat((tokens, nxt[:, None]), 1)
+            if on_token is not None:
+                on_token(nxt, tokens.shape[1] - 1)
         return tokens
     cache = g.new_cache(B, Lc + n_tokens - 1)
     first = g.join(torch.cat((cond, tokens), 1),
@@ -181,6 +186,8 @@ def sample_sequence(gpt: GPT, cond: torch.Tensor, n_tokens: int, opts: SamplingO
     for step in range(tokens.shape[1], n_tokens):
         nxt = pick_tokens(logits, opts, generators)[:, None]  # (B, 1)
         out.append(nxt)
+        if on_token is not None:
+            on_token(nxt[:, 0], step)
         if step + 1 < n_tokens:
             logits = g.cached(g.double(nxt), cache)
     return torch.cat(out, 1)

@@ -53,6 +53,7 @@ import torch
 from vqgan_cli.models.gpt import GPT, LayerKV
 from vqgan_cli.sample.choices import DEFAULT_MEMORY_MIB, DEFAULT_WINDOW, WINDOW_MODES
 from vqgan_cli.sample.schedule import (
+    StepHook,
     Unit,
     WindowPlan,
     check_grid,
@@ -274,9 +275,10 @@ def _budget(memory_mib: float | None) -> float:
 def sample_exact(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[int, int],
                  opts: SamplingOptions, generators: list[torch.Generator],
                  known: torch.Tensor | None = None, memory_mib: float | None = None,
-                 plan: WindowPlan | None = None) -> torch.Tensor:
+                 plan: WindowPlan | None = None, on_step: StepHook | None = None) -> torch.Tensor:
     """The reference's windows and outputs, batched by step (module docstring). Draws exactly
-    what :func:`sample_sequential` draws (float32; up to float rounding between batch sizes)."""
+    what :func:`sample_sequential` draws (float32; up to float rounding between batch sizes).
+    ``on_step``: called after every step (:data:`StepHook`)."""
     ch, cw = crop
     grid, u, kn = _prepare(init, known, generators, crop)
     batch = _Batch(gpt, cond, grid, u, kn, crop, opts)
@@ -287,7 +289,8 @@ def sample_exact(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[i
     if max_units < 1:
         raise SamplingError(f"`window_memory` cannot hold one window forward ({as_mib(per_unit)}); "
                             "raise it or lower `batch_size`")
-    for units in plan.by_step():
+    rows_done, drawn = plan.progress()
+    for step, units in enumerate(plan.by_step()):
         groups: dict[int, list[Unit]] = defaultdict(list)
         for un in units:  # same output position = same length: no padding, no mask
             groups[(un.row - un.win_r) * cw + un.c0 - un.win_c].append(un)
@@ -295,6 +298,8 @@ def sample_exact(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[i
             for part in _chunks(same, max_units):
                 seq = batch.sequences(part)[:, :batch.lc + k]  # up to the output position
                 batch.draw(forward_last(gpt, seq), part, 0)
+        if on_step is not None:
+            on_step(grid, int(rows_done[step]), int(drawn[step]))
     return grid
 
 
@@ -303,10 +308,10 @@ def sample_fast(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[in
                 opts: SamplingOptions, generators: list[torch.Generator],
                 known: torch.Tensor | None = None, segment: int | None = None,
                 rows: int | None = None, memory_mib: float | None = None,
-                plan: WindowPlan | None = None) -> torch.Tensor:
+                plan: WindowPlan | None = None, on_step: StepHook | None = None) -> torch.Tensor:
     """Tiles of ``rows`` x ``segment`` tokens, one cached window each (module docstring).
     ``segment`` defaults to the widest that keeps the context (``cw//2 + 1``), ``rows`` to the
-    tallest band (``ch - ch//2``)."""
+    tallest band (``ch - ch//2``). ``on_step``: called after every step (:data:`StepHook`)."""
     ch, cw = crop
     grid, u, kn = _prepare(init, known, generators, crop)
     batch = _Batch(gpt, cond, grid, u, kn, crop, opts)
@@ -332,7 +337,8 @@ def sample_fast(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[in
     slot: dict[int, int] = {}
     filled: dict[int, int] = {}  # tile -> positions of its window already in its cache
     index = {id(un): n for n, un in enumerate(plan.units)}
-    for units in plan.by_step():
+    rows_done, drawn = plan.progress()
+    for step, units in enumerate(plan.by_step()):
         for part in _chunks(units, max_units):
             for un in part:
                 if un.tile not in slot:
@@ -366,6 +372,8 @@ def sample_fast(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[in
                 filled[un.tile] = f + un.c1 - un.c0 - 1  # the last drawn token is not fed yet
                 if plan.last_of_tile[un.tile] == index[id(un)]:
                     free.append(slot.pop(un.tile))
+        if on_step is not None:
+            on_step(grid, int(rows_done[step]), int(drawn[step]))
     return grid
 
 
@@ -373,16 +381,18 @@ def sample_window(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[
                   opts: SamplingOptions, generators: list[torch.Generator],
                   known: torch.Tensor | None = None, mode: str = DEFAULT_WINDOW,
                   segment: int | None = DEFAULT_SEGMENT, rows: int | None = None,
-                  precision: str = "fp32", memory_mib: float | None = None) -> torch.Tensor:
+                  precision: str = "fp32", memory_mib: float | None = None,
+                  on_step: StepHook | None = None) -> torch.Tensor:
     """Sample a (B, H, W) grid with the chosen window scheme; (B, H, W) tokens out.
 
     ``segment``/``rows``: ``fast``'s tile (ignored by ``exact``). ``memory_mib``: bound on the
-    window batches (and fast's caches), :data:`DEFAULT_MEMORY_MIB` by default."""
+    window batches (and fast's caches), :data:`DEFAULT_MEMORY_MIB` by default. ``on_step``:
+    called after every step with the partial grid (:data:`StepHook`)."""
     B, H, W = init.shape
     with precision_context(gpt, precision):
         plan = check_window(gpt, cond.length(crop), (H, W), crop, mode, B, opts.guided, memory_mib,
                             segment, rows, known)
         if mode == "exact":
-            return sample_exact(gpt, cond, init, crop, opts, generators, known, memory_mib, plan)
+            return sample_exact(gpt, cond, init, crop, opts, generators, known, memory_mib, plan, on_step)
         return sample_fast(gpt, cond, init, crop, opts, generators, known, segment, rows,
-                           memory_mib, plan)
+                           memory_mib, plan, on_step)
