@@ -1,4 +1,5 @@
-"""Tokenizer models: blocks, encoder/decoder, quantizers, the VQGAN and its discriminator."""
+"""nn.Modules and their configs only: the VQGAN (blocks, encoder/decoder, quantizers with the index
+remap, discriminator), the GPT prior with its reading orders, and LPIPS. No optimiser, no file I/O."""
 
 from vqgan_cli.models.autoencoder import Decoder, Encoder
 from vqgan_cli.models.discriminator import PatchDiscriminator
