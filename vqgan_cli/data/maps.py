@@ -123,3 +123,11 @@ def cell_labels(maps: torch.Tensor, factor: int) -> torch.Tensor:
     ``--cond labels``, the prior's ``labels`` conditioning and the map-agreement score all use it,
     so a map means the same tokens wherever it enters. Numpy arrays slice the same way."""
     return maps[..., factor // 2::factor, factor // 2::factor]
+
+
+def resize_nearest(arr: np.ndarray, h: int, w: int) -> np.ndarray:
+    """A label (int) or depth (float32) map resized to (h, w) without inventing values: labels
+    stay labels. This is how ``--cond`` brings a map to the sample size."""
+    if arr.dtype == np.float32:
+        return np.asarray(Image.fromarray(arr, mode="F").resize((w, h), Image.Resampling.NEAREST))
+    return np.asarray(Image.fromarray(arr.astype(np.int32)).resize((w, h), Image.Resampling.NEAREST))

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vqgan_cli.data.maps import resize_nearest
 from vqgan_cli.demo.jobs import (
     DEAD_AFTER_S,
     DECODE_BUDGET,
@@ -39,7 +40,6 @@ from vqgan_cli.demo.maps import (
     Vocabulary,
     bicubic_of,
     builtin_map,
-    builtin_map_resized,
     colourise,
     legend_html,
     read_image_upload,
@@ -290,7 +290,7 @@ class DemoApp:
         from vqgan_cli.evaluate.map_agreement import label_agreement
 
         if labels.shape != image.shape[:2]:
-            labels = builtin_map_resized(labels, image.shape[:2])
+            labels = resize_nearest(labels, *image.shape[:2])
         score = label_agreement(image, labels, self.factor, self.classifier())
         return (f"**label agreement {score:.3f}**: the fraction of {self.factor}x{self.factor} cells the "
                 "cell classifier of `vqgan_cli/evaluate/map_agreement.py` puts in the map's class")
@@ -308,7 +308,7 @@ class DemoApp:
         map_img = legend = None
         if labels is not None and self.vocab is not None:
             h, w = self.pixels(form.size) if form.size.strip() else (labels.shape[0], labels.shape[1])
-            shown = labels if labels.shape == (h, w) else builtin_map_resized(labels, (h, w))
+            shown = labels if labels.shape == (h, w) else resize_nearest(labels, h, w)
             map_img, legend = colourise(shown, self.vocab), legend_html(shown, self.vocab)
         job = Job(self.models, req, self.colours, self.budget, self.dead_after, self.token_cost)
         self.jobs.put(session, job)

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from vqgan_cli.data.landscapes import LANDSCAPE_CLASSES, render_landscape
+from vqgan_cli.data.maps import labels_from_image
 from vqgan_cli.images import label_palette
 
 MAX_UPLOAD_BYTES = 20 * 2**20  # larger files are refused before they are decoded
@@ -161,29 +162,29 @@ def read_map_upload(path: str | os.PathLike[str], vocab: Vocabulary, label_shift
     label indices (what ``vqgan sample --cond`` reads; ``label_shift`` added mod 256 as there),
     or a colour PNG in the page's own palette (a map downloaded from the page)."""
     with _open_checked(path, what) as img:
-        mode = img.mode
-        if mode in ("L", "P", "1", "I", "I;16", "LA", "PA"):
-            arr = np.asarray(img if mode not in ("LA", "PA") else img.getchannel(0)).astype(np.int32)
-            if label_shift:
-                arr = (arr + label_shift) % 256
+        if img.mode in ("L", "P", "1", "LA", "PA") or img.mode.startswith("I"):
+            arr = labels_from_image(img, what)  # label indices, read as `vqgan sample --cond` reads them
         else:
-            rgba = np.asarray(img.convert("RGBA"))
-            rgb = rgba[..., :3]
+            rgb = np.asarray(img.convert("RGB"))
             if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all():
-                arr = rgb[..., 0].astype(np.int32)
-                if label_shift:
-                    arr = (arr + label_shift) % 256
+                arr = rgb[..., 0].astype(np.int32)  # grey pixels are label indices too
             else:
-                colours = np.unique(rgb.reshape(-1, 3), axis=0)
-                known = {tuple(int(v) for v in c) for c in vocab.colours}
-                strange = [tuple(int(v) for v in c) for c in colours if tuple(int(v) for v in c) not in known]
-                if strange:
-                    raise MapError(f"{what} is a colour image whose colours are not this prior's label "
-                                   f"colours (e.g. RGB {strange[0]}); upload a grayscale PNG of label "
-                                   f"indices or a map downloaded from this page. Labels: {vocab.describe()}")
-                arr = labels_from_colours(rgb, vocab)
+                return _labels_of_page_colours(rgb, vocab, what)
+        if label_shift:
+            arr = (arr + label_shift) % 256
     check_known(arr, vocab, what)
     return arr
+
+
+def _labels_of_page_colours(rgb: np.ndarray, vocab: Vocabulary, what: str) -> np.ndarray:
+    """A colour map in the page's own palette (a map downloaded from the page) as labels."""
+    known = {tuple(int(v) for v in c) for c in vocab.colours}
+    strange = [c for c in map(tuple, np.unique(rgb.reshape(-1, 3), axis=0).tolist()) if c not in known]
+    if strange:
+        raise MapError(f"{what} is a colour image whose colours are not this prior's label "
+                       f"colours (e.g. RGB {strange[0]}); upload a grayscale PNG of label "
+                       f"indices or a map downloaded from this page. Labels: {vocab.describe()}")
+    return labels_from_colours(rgb, vocab)
 
 
 def read_painting(value: dict[str, Any] | None, vocab: Vocabulary,
@@ -229,13 +230,6 @@ def save_label_png(labels: np.ndarray, path: Path, label_shift: int = 0) -> Path
     stored = (labels.astype(np.int64) - label_shift) % 256
     Image.fromarray(stored.astype(np.uint8), mode="L").save(path, format="PNG")
     return path
-
-
-def builtin_map_resized(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Labels resized nearest-neighbour to (h, w), as ``--cond`` resizes a map to the sample."""
-    h, w = hw
-    resized = Image.fromarray(labels.astype(np.int32)).resize((w, h), Image.Resampling.NEAREST)
-    return np.asarray(resized).astype(np.int32)
 
 
 def bicubic_of(path: Path, final: np.ndarray | None) -> np.ndarray | None:

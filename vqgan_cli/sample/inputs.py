@@ -17,6 +17,7 @@ from PIL import Image
 
 from vqgan_cli.checkpoints.format import file_sha256, read_weights, weights_sha256
 from vqgan_cli.data import DataError
+from vqgan_cli.data.maps import resize_nearest
 from vqgan_cli.models.prior import Prior
 from vqgan_cli.models.vqgan import VQGAN
 
@@ -147,12 +148,6 @@ def parse_size(text: str | None, factor: int, crop: tuple[int, int]) -> tuple[in
     return H // factor, W // factor
 
 
-def _resize_nearest(arr: np.ndarray, h: int, w: int) -> np.ndarray:
-    if arr.dtype == np.float32:
-        return np.asarray(Image.fromarray(arr, mode="F").resize((w, h), Image.Resampling.NEAREST))
-    return np.asarray(Image.fromarray(arr.astype(np.int32)).resize((w, h), Image.Resampling.NEAREST))
-
-
 def read_cond_map(spec: str, prior: Prior, h_px: int, w_px: int, notes: list[str]) -> torch.Tensor:
     """A conditioning map file (or ``builtin:landscapes:SEED``) as the prior's input (1, C, H, W),
     resized nearest-neighbour to the sample size (and said so); label range checked."""
@@ -189,7 +184,7 @@ def read_cond_map(spec: str, prior: Prior, h_px: int, w_px: int, notes: list[str
         if what == "image":
             arr = np.asarray(Image.fromarray(arr).resize((w_px, h_px), Image.Resampling.NEAREST))
         else:
-            arr = _resize_nearest(arr, h_px, w_px)
+            arr = resize_nearest(arr, h_px, w_px)
     if what == "seg":
         n_labels = prior.cond.n_labels if kind == "labels" else ctok.config.n_labels  # type: ignore[union-attr]
         try:

@@ -82,40 +82,32 @@ class Stage(Protocol):
 
     def checkpoint_size(self) -> tuple[int, int]:
         """(bytes of one step checkpoint, bytes of the final weights), estimated before work."""
-        ...
 
     def attach(self, forward: nn.Module, log: RunLog | None = None, run_dir: Path | None = None) -> None:
         """Train through ``forward`` (the model wrapped by DDP/compile); with ``log`` and ``run_dir``,
         also prepare validation and say what is trained (without: a stage that only steps)."""
-        ...
 
     def step(self, batches: Iterator[dict], step: int) -> StepOut:
         """Forward and backward of one optimiser step over its micro-batches; no update yet."""
-        ...
 
     def apply(self, step: int) -> dict[str, float]:
         """The optimiser update(s) of a finite step; returns what only the update knows (norms)."""
-        ...
 
     def train_log(self, logs: dict[str, float], rate: float, state: TrainState) -> TrainLog: ...
 
     def images(self, step: int) -> None:
         """Pictures of progress at ``train.image_every`` (main process)."""
-        ...
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Validation metrics (main process); empty when there is nothing to validate on."""
-        ...
 
     def val_text(self, val: dict[str, float]) -> str: ...
 
     def summary(self, final: Path | None) -> dict[str, Any]:
         """The stage's rows of the closing table; ``final`` is None when the run stopped early."""
-        ...
 
     def state_dict(self) -> dict:
         """What resuming needs beyond the weights (optimisers, training-only modules)."""
-        ...
 
     def load_state_dict(self, state: dict) -> None: ...
 
