@@ -29,6 +29,7 @@ class RefAttention(nn.Module):
         super().__init__()
         C = cfg.n_embd
         self.key, self.query, self.value, self.proj = (nn.Linear(C, C) for _ in range(4))
+        self.attn_drop, self.resid_drop = nn.Dropout(0.0), nn.Dropout(0.0)  # identity in eval, called as minGPT does
         self.n_head = cfg.n_head
         self.register_buffer("mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size))
                              .view(1, 1, cfg.block_size, cfg.block_size))
@@ -48,9 +49,9 @@ class RefAttention(nn.Module):
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T_all)
         if layer_past is None:
             att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf"))
-        att = F.softmax(att, dim=-1)
+        att = self.attn_drop(F.softmax(att, dim=-1))
         y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
-        return self.proj(y), kv
+        return self.resid_drop(self.proj(y)), kv
 
 
 class RefBlock(nn.Module):

@@ -140,6 +140,21 @@ def test_cache_chunked_prefill_and_rewind() -> None:
         model.forward_cached(idx[:, :16], cache, 10)  # past max_len
 
 
+def test_cached_decoding_follows_changed_weights() -> None:
+    """The fused query/key/value snapshot is rebuilt when a weight changes in place or is swapped."""
+    model = tiny()
+    idx = torch.randint(0, V, (5, 10), generator=torch.Generator().manual_seed(6))  # 5 rows: matmul attention
+    model.forward_cached(idx, model.new_cache(5, 10), 0)  # builds the snapshot
+    with torch.no_grad():
+        model.blocks[0].attn.key.weight.mul_(3.0)  # an optimiser-style in-place update
+    steps = model.new_cache(5, 10)
+    out = torch.cat([model.forward_cached(idx[:, i:i + 1], steps, i) for i in range(10)], 1)
+    torch.testing.assert_close(out, model(idx), rtol=0, atol=1e-5)
+    q = model.blocks[-1].attn.query
+    q.weight.data = torch.zeros_like(q.weight.data)  # new storage (what precision_context does)
+    torch.testing.assert_close(model.forward_cached(idx, model.new_cache(5, 10), 0), model(idx), rtol=0, atol=1e-5)
+
+
 def test_autocast_bf16_cpu() -> None:
     model = tiny()
     idx = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(5))

@@ -13,8 +13,8 @@ from vqgan_cli.sample.tokens import (
     draw_tokens,
     filter_logits,
     make_generators,
-    pick_tokens,
     sample_sequence,
+    step_uniforms,
 )
 
 V = 24
@@ -63,19 +63,20 @@ def test_draw_tokens_is_the_inverse_cdf_at_u() -> None:
         == [0, 1, 1, 2, 2, 3]
 
 
-def test_pick_tokens_is_seeded_per_row() -> None:
+def test_step_uniforms_are_each_rows_own_stream_in_step_order() -> None:
+    u = step_uniforms(make_generators([1, 2, 3]), 4)
+    # the oracle: four one-number draws per generator, one after the other
+    want = [[float(torch.rand(1, generator=g)) for _ in range(4)] for g in make_generators([1, 2, 3])]
+    assert u.shape == (3, 4) and u.tolist() == want
+    assert step_uniforms(make_generators([1]), 4).tolist() == want[:1]  # row 0 does not depend on its batch
+    # uniform over 10 tokens: the draw is floor(10 u)
     logits = torch.zeros(3, 10)
-    a = pick_tokens(logits, SamplingOptions(), make_generators([1, 2, 3]))
-    b = pick_tokens(logits[:1], SamplingOptions(), make_generators([1]))
-    # uniform over 10 tokens: the draw is floor(10 u), u the first number of the row's own seed
-    want = [int(10 * float(torch.rand(1, generator=torch.Generator().manual_seed(s)))) for s in (1, 2, 3)]
-    assert a.tolist() == want == [7, 6, 0] and b.tolist() == [7]  # row 0 does not depend on its batch
+    assert draw_tokens(logits, SamplingOptions(), u[:, 0]).tolist() == [int(10 * r[0]) for r in want] == [7, 6, 0]
     sure = torch.full((2, 10), -1e4)
     sure[:, 4] = 0
-    assert pick_tokens(sure, SamplingOptions(), make_generators([5, 6])).tolist() == [4, 4]
+    assert draw_tokens(sure, SamplingOptions(), u[:2, 1]).tolist() == [4, 4]
     # top-k 1 is greedy whatever the draw
-    assert pick_tokens(torch.arange(10.0).repeat(2, 1), SamplingOptions(top_k=1),
-                       make_generators([0, 1])).tolist() == [9, 9]
+    assert draw_tokens(torch.arange(10.0).repeat(2, 1), SamplingOptions(top_k=1), u[:2, 2]).tolist() == [9, 9]
 
 
 @pytest.mark.parametrize("opts, message", [

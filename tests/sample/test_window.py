@@ -16,8 +16,6 @@ from vqgan_cli.models.gpt import GPT, LayerKV
 from vqgan_cli.sample.tokens import SamplingError, SamplingOptions, draw_tokens, make_generators, sample_sequence
 from vqgan_cli.sample.window import (
     Conditioning,
-    forward_last,
-    forward_rows,
     local_offset,
     plan_windows,
     sample_exact,
@@ -25,6 +23,7 @@ from vqgan_cli.sample.window import (
     sample_sequential,
     sample_window,
 )
+from vqgan_cli.sample.window_forward import forward_last, forward_rows, forward_windows, prefill_shared
 
 V = 20
 
@@ -314,6 +313,26 @@ def test_partial_forwards_equal_the_plain_forward() -> None:
     rest = torch.stack([idx[n, split[n]:split[n] + 8] for n in range(3)])
     out = forward_rows(gpt, rest, split, torch.tensor([7, 7, 7]), kv)
     torch.testing.assert_close(out, full[torch.arange(3), split + 7], rtol=1e-5, atol=1e-5)
+
+
+def test_windows_with_the_same_conditioning_share_it_and_equal_the_plain_forward() -> None:
+    gpt = tiny_gpt((4, 4), 16)
+    g = torch.Generator().manual_seed(1)
+    cond = torch.randint(0, V, (2, 16), generator=g)[[0, 1, 0, 0, 1]]  # 5 windows, 2 distinct crops
+    seq = torch.cat((cond, torch.randint(0, V, (5, 7), generator=g)), 1)  # (5, 23)
+    full = gpt(seq)[:, -1]  # the oracle: the plain forward of every whole window
+    torch.testing.assert_close(forward_windows(gpt, seq, 16), full, rtol=1e-5, atol=1e-5)
+    # the conditioning's keys/values are computed for the 2 distinct crops, not the 5 windows
+    seen = []
+    hook = gpt.tok_emb.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    c = gpt.cfg
+    kv = [LayerKV(torch.zeros(5, c.n_head, 24, c.head_dim), torch.zeros(5, c.n_head, 24, c.head_dim))
+          for _ in range(c.n_layer)]
+    prefill_shared(gpt, seq[:, :15], kv, torch.arange(5))
+    hook.remove()
+    assert seen == [(2, 15)]
+    out = forward_rows(gpt, seq[:, 15:], torch.full((5,), 15), 7, kv)
+    torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_windows_are_deterministic() -> None:

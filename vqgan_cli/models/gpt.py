@@ -17,13 +17,15 @@ Two forward paths:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 from vqgan_cli.config import spec
+from vqgan_cli.models.kv_cache import KVCache, LayerKV, decode
+
+__all__ = ["GPT", "GPTConfig", "GPTSize", "KVCache", "LayerKV", "param_groups"]
 
 
 @dataclass
@@ -56,46 +58,6 @@ class GPTConfig(GPTSize):
 
     vocab_size: int = spec(ge=1, help="max of the image and conditioning codebook sizes")
     block_size: int = spec(ge=1, help="longest input sequence: len(c) + len(s) - 1")
-
-
-# --------------------------------------------------------------------------------------------
-# key/value cache
-
-
-class LayerKV(NamedTuple):
-    """One layer's preallocated keys and values, each (B, nh, max_len, hs)."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-
-
-class KVCache:
-    """Keys/values of every layer for incremental decoding, allocated once.
-
-    Steps write in place at their positions instead of concatenating, so decoding N tokens costs
-    no reallocation and memory is known up front. ``length`` counts the valid positions.
-    """
-
-    def __init__(self, layers: list[LayerKV], length: int = 0):
-        self.layers = layers
-        self.length = length
-
-    @classmethod
-    def empty(cls, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
-              device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> KVCache:
-        """Zeroed buffers for ``max_len`` positions of ``batch_size`` sequences."""
-        shape = (batch_size, n_head, max_len, head_dim)
-        layers = [LayerKV(torch.zeros(shape, device=device, dtype=dtype),
-                          torch.zeros(shape, device=device, dtype=dtype)) for _ in range(n_layer)]
-        return cls(layers)
-
-    @property
-    def batch_size(self) -> int:
-        return self.layers[0].k.shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.layers[0].k.shape[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,8 +219,8 @@ class GPT(nn.Module):
 
         Their keys/values go into ``cache`` and each attends to every earlier cached position,
         so the result equals ``forward(full)[:, pos:pos+t]``. ``pos`` defaults to
-        ``cache.length``; a smaller ``pos`` overwrites (rewinds) the tail. No gradients: the
-        cache exists for decoding only.
+        ``cache.length``; a smaller ``pos`` overwrites (rewinds) the tail. No gradients and no
+        dropout: the cache exists for decoding only (:func:`~vqgan_cli.models.kv_cache.decode`).
         """
         B, t = idx.shape
         pos = cache.length if pos is None else pos
@@ -268,11 +230,7 @@ class GPT(nn.Module):
             raise ValueError(f"positions up to {pos + t} exceed the cache's max_len {cache.max_len}")
         if B != cache.batch_size:
             raise ValueError(f"batch size {B} differs from the cache's {cache.batch_size}")
-        x = self.drop(self.tok_emb(idx) + self.pos_emb[:, pos:pos + t])  # (B, t, C)
-        for block, kv in zip(self.blocks, cache.layers, strict=True):
-            x = block(x, kv, pos)  # (B, t, C)
-        cache.length = pos + t
-        return self.head(self.ln_f(x))  # (B, t, vocab)
+        return decode(self, idx, cache, pos)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -3,9 +3,10 @@
 PAPER.md: logits / temperature, top-k keeps the k largest, optional top-p, then a draw from the
 softmax. Two decisions make samples reproducible:
 
-- Every sample row owns a ``torch.Generator`` and each step draws one uniform number per row,
-  turned into a token by inverse-CDF lookup. The random stream therefore depends only on the
-  number of steps, never on how logits were computed, so the cached and the plain (uncached)
+- Every sample row owns a ``torch.Generator`` and each step uses one uniform number per row
+  (:func:`step_uniforms`, the row's stream in step order), turned into a token by inverse-CDF
+  lookup. The random stream therefore depends only on the number of steps, never on how logits
+  were computed, so the cached and the plain (uncached)
   path produce identical tokens whenever their logits agree (they do in float32 on CPU).
 - Classifier-free guidance runs the conditional and the unconditional ("null") sequences as one
   batch of 2B rows and mixes their logits, ``u + s * (c - u)``, before temperature and filtering.
@@ -90,15 +91,10 @@ def draw_tokens(logits: torch.Tensor, opts: SamplingOptions, u: torch.Tensor) ->
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 
-def pick_tokens(logits: torch.Tensor, opts: SamplingOptions, generators: list[torch.Generator],
-                rows_per_generator: int = 1) -> torch.Tensor:
-    """Draw one token per row of ``logits`` (N, V); N = len(generators) * rows_per_generator.
-
-    Rows are grouped generator-major: rows [g*r, (g+1)*r) draw from generator g, one uniform
-    number each (:func:`draw_tokens`).
-    """
-    u = torch.cat([torch.rand(rows_per_generator, generator=g) for g in generators])  # (N,)
-    return draw_tokens(logits, opts, u)
+def step_uniforms(generators: list[torch.Generator], n_steps: int) -> torch.Tensor:
+    """(B, n_steps) uniform numbers, row b from generator b: the numbers ``n_steps`` successive
+    one-number draws would give, drawn at once (a draw per step costs a call per row)."""
+    return torch.stack([torch.rand(n_steps, generator=g) for g in generators])
 
 
 class Guided:
@@ -169,11 +165,13 @@ def sample_sequence(gpt: GPT, cond: torch.Tensor, n_tokens: int, opts: SamplingO
     tokens = cond.new_zeros(B, 0) if prefix is None else prefix.long()
     if tokens.shape[1] >= n_tokens:
         return tokens[:, :n_tokens]
+    start = tokens.shape[1]
+    u = step_uniforms(generators, n_tokens - start)  # (B, steps)
     if not cached:
         while tokens.shape[1] < n_tokens:
             seq = g.join(torch.cat((cond, tokens), 1),
                          None if null_cond is None else torch.cat((null_cond, tokens), 1))
-            nxt = pick_tokens(g.full_last(seq), opts, generators)
+            nxt = draw_tokens(g.full_last(seq), opts, u[:, tokens.shape[1] - start])
             tokens = torch.cat((tokens, nxt[:, None]), 1)
             if on_token is not None:
                 on_token(nxt, tokens.shape[1] - 1)
@@ -183,8 +181,8 @@ def sample_sequence(gpt: GPT, cond: torch.Tensor, n_tokens: int, opts: SamplingO
                    None if null_cond is None else torch.cat((null_cond, tokens), 1))
     logits = g.cached(first, cache)
     out = [tokens]
-    for step in range(tokens.shape[1], n_tokens):
-        nxt = pick_tokens(logits, opts, generators)[:, None]  # (B, 1)
+    for step in range(start, n_tokens):
+        nxt = draw_tokens(logits, opts, u[:, step - start])[:, None]  # (B, 1)
         out.append(nxt)
         if on_token is not None:
             on_token(nxt[:, 0], step)

@@ -12,7 +12,8 @@ model's output at position ``Lc - 1 + li*cw + lj`` (``Lc`` conditioning tokens).
   the grid); all tokens of one step run as one batch of window forwards, each window fed only up
   to its output position (causal attention: later positions cannot change that output). The
   work is one window forward per token, as in the reference, minus the unused tail of each
-  window and the last layer's unused rows; batching buys the rest.
+  window, the last layer's unused rows, and the conditioning part of windows whose conditioning
+  crop another window of the step has (computed once); batching buys the rest.
 - ``fast``: the same windows reused for several tokens through the key/value cache. The grid is
   cut into tiles: a tile is ``rows`` consecutive rows (a band) times ``segment`` consecutive
   columns. The tile's window is the reference's window of the band's first row and of the
@@ -46,12 +47,12 @@ Raster order only: priors with another reading order are sampled at their crop s
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 
 from vqgan_cli.models.gpt import GPT, LayerKV
 from vqgan_cli.sample.choices import DEFAULT_MEMORY_MIB, DEFAULT_WINDOW, WINDOW_MODES
+from vqgan_cli.sample.conditioning import Conditioning, cut
 from vqgan_cli.sample.schedule import (
     StepHook,
     Unit,
@@ -65,61 +66,18 @@ from vqgan_cli.sample.schedule import (
 )
 from vqgan_cli.sample.tokens import Guided, SamplingError, SamplingOptions, draw_tokens
 from vqgan_cli.sample.window_forward import (
+    PrefixStore,
     as_mib,
     cache_bytes,
     element_size,
     forward_bytes,
-    forward_last,
     forward_rows,
+    forward_windows,
     precision_context,
+    prefill_shared,
 )
 
 DEFAULT_SEGMENT: int | None = None  # None: the widest segment that keeps the context, cw//2 + 1
-
-
-# --------------------------------------------------------------------------------------------
-# conditioning and random numbers
-
-
-@dataclass
-class Conditioning:
-    """Conditioning tokens of a whole image: a spatial grid (B, H, W) that moves with the window,
-    or fixed tokens (B, Lc) (start token, class); ``null_*``: the unconditional counterpart."""
-
-    grid: torch.Tensor | None = None
-    fixed: torch.Tensor | None = None
-    null_grid: torch.Tensor | None = None
-    null_fixed: torch.Tensor | None = None
-
-    def length(self, crop: tuple[int, int]) -> int:
-        """Conditioning tokens per window (Lc)."""
-        if self.grid is not None:
-            return crop[0] * crop[1]
-        if self.fixed is not None:
-            return int(self.fixed.shape[1])
-        raise SamplingError("no conditioning tokens given")
-
-    def windows(self, rows: torch.Tensor, cols: torch.Tensor, crop: tuple[int, int],
-                null: bool = False) -> torch.Tensor | None:
-        """(n, B, Lc) conditioning of the windows starting at ``rows``/``cols`` (n,)."""
-        grid, fixed = (self.null_grid, self.null_fixed) if null else (self.grid, self.fixed)
-        if grid is not None:
-            return _cut(grid, rows, cols, crop)
-        if fixed is None:
-            return None
-        return fixed[None].expand(len(rows), -1, -1)
-
-
-def _cut(grid: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-         crop: tuple[int, int]) -> torch.Tensor:
-    """(n, B, ch*cw) crops of ``grid`` (B, H, W) whose top-left corners are rows/cols (n,)."""
-    ch, cw = crop
-    dev = grid.device
-    r = rows.to(dev)[:, None] + torch.arange(ch, device=dev)  # (n, ch)
-    c = cols.to(dev)[:, None] + torch.arange(cw, device=dev)  # (n, cw)
-    crops = grid[:, r[:, :, None], c[:, None, :]]  # (B, n, ch, cw)
-    return crops.permute(1, 0, 2, 3).reshape(len(rows), grid.shape[0], ch * cw)
-
 
 
 def check_window(gpt: GPT, lc: int, size: tuple[int, int], crop: tuple[int, int], mode: str,
@@ -184,7 +142,7 @@ class _Batch:
         """(n * halves * B, Lc + ch*cw): each unit's window, conditioning then image tokens."""
         r = torch.tensor([u.win_r for u in units])
         c = torch.tensor([u.win_c for u in units])
-        patch = _cut(self.grid, r, c, self.crop)  # (n, B, ch*cw)
+        patch = cut(self.grid, r, c, self.crop)  # (n, B, ch*cw)
         parts = [torch.cat((self.cond.windows(r, c, self.crop), patch), 2)]
         if self.halves == 2:
             null = self.cond.windows(r, c, self.crop, null=True)
@@ -297,7 +255,7 @@ def sample_exact(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[i
         for k, same in groups.items():
             for part in _chunks(same, max_units):
                 seq = batch.sequences(part)[:, :batch.lc + k]  # up to the output position
-                batch.draw(forward_last(gpt, seq), part, 0)
+                batch.draw(forward_windows(gpt, seq, batch.lc), part, 0)
         if on_step is not None:
             on_step(grid, int(rows_done[step]), int(drawn[step]))
     return grid
@@ -333,6 +291,11 @@ def sample_fast(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[in
         raise SamplingError(f"`window_memory` cannot hold the fast window's caches "
                             f"({as_mib(pool_bytes + per_unit)}); raise it, lower `batch_size`, "
                             "or use `window` exact")
+    firsts = {un.tile: un for un in reversed(plan.units)}  # tile -> its first unit (same window)
+    row_of = {t: k for k, t in enumerate(firsts)}
+    room = _budget(memory_mib) - pool_bytes - 16 * per_unit  # what the caches and 16 units leave
+    store = None if lc < 2 else PrefixStore.build(
+        gpt, batch.sequences(list(firsts.values()))[:, :lc - 1], room, min(max_units, 64))
     free = list(range(n_slots))[::-1]
     slot: dict[int, int] = {}
     filled: dict[int, int] = {}  # tile -> positions of its window already in its cache
@@ -348,9 +311,17 @@ def sample_fast(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[in
             first = torch.tensor([lc + (un.row - un.win_r) * cw + un.c0 - un.win_c for un in part])
             start = torch.tensor([filled[un.tile] for un in part])
             first_r, start_r = first.repeat_interleave(R), start.repeat_interleave(R)
-            length = first_r - start_r  # tokens to feed before each unit's first output
             seq = batch.sequences(part)  # (n * R, P)
             kv = [LayerKV(layer.k[sel], layer.v[sel]) for layer in pool]  # this part's caches
+            new = (start_r == 0).nonzero()[:, 0].to(dev)
+            if lc > 1 and len(new):  # new tiles: conditioning keys/values computed once per crop
+                if store is not None:
+                    which = torch.tensor([row_of[un.tile] * R + k for un in part for k in range(R)])
+                    store.copy_to(kv, new, which[new.cpu()].to(dev))
+                else:
+                    prefill_shared(gpt, seq[new, :lc - 1], kv, new)
+                start_r[new.cpu()] = lc - 1
+            length = first_r - start_r  # tokens to feed before each unit's first output
             logits = None
             for L in sorted(set(length.tolist())):  # equal lengths together: no padding
                 rows_l = (length == L).nonzero()[:, 0]

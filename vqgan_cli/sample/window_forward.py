@@ -5,7 +5,6 @@ cannot change that output), and its last layer computes only the rows that are r
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -13,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from vqgan_cli.models.gpt import GPT, LayerKV
+from vqgan_cli.models.kv_cache import attend, fused_qkv
 from vqgan_cli.sample.tokens import SamplingError
 
 PRECISIONS = ("fp32", "bf16")
@@ -82,7 +82,7 @@ def _last_block(blk: torch.nn.Module, x: torch.Tensor, hq: torch.Tensor, xq: tor
     and residual, ``k``/``v`` (N, nh, L, hs) the keys/values it attends to."""
     a = blk.attn
     q = a._heads(a.query(hq))  # (N, nh, 1, hs)
-    y = _attend(q, k, v, mask)  # (N, nh, 1, hs)
+    y = attend(q, k, v, mask)  # (N, nh, 1, hs)
     y = y.transpose(1, 2).reshape(xq.shape)  # (N, 1, C)
     xq = xq + a.proj(y)
     return xq + blk.mlp(blk.ln2(xq))
@@ -102,17 +102,15 @@ def forward_last(gpt: GPT, idx: torch.Tensor) -> torch.Tensor:
     return gpt.head(gpt.ln_f(x[:, 0]))
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of ``q`` (N, nh, T, hs) over ``k``/``v`` (N, nh, L, hs) where ``mask`` (N, 1,
-    T, L) allows. One query row: plain matmuls (the fused kernel's set-up costs more than the
-    maths); several: the fused kernel."""
-    k, v = k.to(q.dtype), v.to(q.dtype)
-    if q.shape[2] > 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (N, nh, 1, L)
-    if mask is not None:
-        att = att.masked_fill(~mask, float("-inf"))
-    return att.softmax(-1) @ v
+def _project(h: torch.Tensor, qkv: tuple[torch.Tensor, torch.Tensor], n_head: int,
+             keys_only: bool = False) -> torch.Tensor:
+    """Queries, keys and values of ``h`` (N, T, C) in one matmul (:func:`fused_qkv`) as (N, T,
+    3, nh, hs); ``keys_only``: keys and values, (N, T, 2, nh, hs)."""
+    w, b = qkv
+    N, T, C = h.shape
+    if keys_only:
+        w, b = w[C:], b[C:]
+    return F.linear(h, w, b).view(N, T, -1, n_head, C // n_head)
 
 
 def forward_rows(gpt: GPT, idx: torch.Tensor, start: torch.Tensor, last: int | torch.Tensor,
@@ -135,17 +133,16 @@ def forward_rows(gpt: GPT, idx: torch.Tensor, start: torch.Tensor, last: int | t
     at = sel if sel is not None else rows
     last = torch.as_tensor(last, device=dev).expand(N)
     write = pos.clamp(max=P - 1)
-    for n, blk in enumerate(gpt.blocks):
+    for n, (blk, layer, qkv) in enumerate(zip(gpt.blocks, kv, fused_qkv(gpt), strict=True)):
         a = blk.attn
         h = blk.ln1(x)
-        k, v = a._heads(a.key(h)), a._heads(a.value(h))  # (N, nh, T, hs)
-        layer = kv[n]
-        layer.k[at[:, None], :, write] = k.transpose(1, 2).to(layer.k.dtype)
-        layer.v[at[:, None], :, write] = v.transpose(1, 2).to(layer.v.dtype)
+        final = n + 1 == len(gpt.blocks)  # the last layer needs queries of the rows read only
+        proj = _project(h, qkv, gpt.cfg.n_head, keys_only=final)  # (N, T, 2 or 3, nh, hs)
+        layer.k[at[:, None], :, write] = proj[:, :, -2].to(layer.k.dtype)
+        layer.v[at[:, None], :, write] = proj[:, :, -1].to(layer.v.dtype)
         ks, vs = (layer.k, layer.v) if sel is None else (layer.k[sel], layer.v[sel])  # (N, nh, P, hs)
-        if n + 1 < len(gpt.blocks):
-            q = a._heads(a.query(h))
-            y = _attend(q, ks, vs, allowed[:, None])
+        if not final:
+            y = attend(proj[:, :, 0].transpose(1, 2), ks, vs, allowed[:, None])
             x = x + a.proj(y.transpose(1, 2).reshape(x.shape))
             x = x + blk.mlp(blk.ln2(x))
         else:
@@ -153,3 +150,78 @@ def forward_rows(gpt: GPT, idx: torch.Tensor, start: torch.Tensor, last: int | t
             x = _last_block(blk, x, hq, xq, ks, vs, allowed[rows, last][:, None, None])
     return gpt.head(gpt.ln_f(x[:, 0]))
 
+
+
+def prefill_shared(gpt: GPT, prefix: torch.Tensor, kv: list[LayerKV], rows: torch.Tensor) -> None:
+    """Write the keys/values of positions 0..n-1 of cache rows ``rows`` (R,) from their first
+    tokens ``prefix`` (R, n). Every window's conditioning starts at position 0, so windows with
+    the same conditioning crop (a uniform patch of sky, the null map of guidance) have the same
+    keys/values there: they are computed once per distinct prefix and copied to each row."""
+    uniq, inv = torch.unique(prefix, dim=0, return_inverse=True)  # (U, n), (R,)
+    U, n = uniq.shape
+    x = gpt.tok_emb(uniq) + gpt.pos_emb[:, :n]  # (U, n, C)
+    causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+    for layer, blk, qkv in zip(kv, gpt.blocks, fused_qkv(gpt), strict=True):
+        a = blk.attn
+        final = blk is gpt.blocks[-1]  # the last layer's outputs are not needed, only its keys/values
+        proj = _project(blk.ln1(x), qkv, gpt.cfg.n_head, keys_only=final)  # (U, n, 2 or 3, nh, hs)
+        k, v = proj[:, :, -2].transpose(1, 2), proj[:, :, -1].transpose(1, 2)  # (U, nh, n, hs)
+        layer.k[rows, :, :n] = k[inv].to(layer.k.dtype)
+        layer.v[rows, :, :n] = v[inv].to(layer.v.dtype)
+        if not final:
+            y = attend(proj[:, :, 0].transpose(1, 2), k, v, causal)
+            x = x + a.proj(y.transpose(1, 2).reshape(x.shape))
+            x = x + blk.mlp(blk.ln2(x))
+
+
+def forward_windows(gpt: GPT, seq: torch.Tensor, lc: int) -> torch.Tensor:
+    """Logits (N, V) of the last position of windows ``seq`` (N, T) whose first ``lc`` tokens are
+    conditioning: :func:`forward_last`'s result, with the conditioning's keys/values shared
+    between windows that have the same conditioning (:func:`prefill_shared`)."""
+    N, T = seq.shape
+    shared = lc - 1  # the last conditioning position's output may be the one read: not shared
+    if shared < 1:
+        return forward_last(gpt, seq)
+    c = gpt.cfg
+    dtype = torch.bfloat16 if torch.is_autocast_enabled(seq.device.type) else gpt.head.weight.dtype
+    shape = (N, c.n_head, T + 1, c.head_dim)  # + a scratch slot (forward_rows)
+    # zeros, not empty: a masked position still multiplies its value by 0, and 0 * NaN is NaN
+    kv = [LayerKV(*(torch.zeros(shape, dtype=dtype, device=seq.device) for _ in "kv")) for _ in range(c.n_layer)]
+    prefill_shared(gpt, seq[:, :shared], kv, torch.arange(N, device=seq.device))
+    start = torch.full((N,), shared, device=seq.device)
+    return forward_rows(gpt, seq[:, shared:], start, T - shared - 1, kv)
+
+
+class PrefixStore:
+    """The conditioning keys/values of every distinct window prefix of a run, computed before
+    sampling: a spatial map is known in full up front, and a 1280x832 landscape map has about
+    300 distinct 8x8 label crops among its 832 ``fast`` windows, so each is computed once, in
+    large batches, and copied into a window's cache when the window starts."""
+
+    def __init__(self, gpt: GPT, uniq: torch.Tensor, index: torch.Tensor, chunk: int):
+        c = gpt.cfg
+        U, n = uniq.shape
+        dtype = torch.bfloat16 if torch.is_autocast_enabled(uniq.device.type) else gpt.head.weight.dtype
+        shape = (U, c.n_head, n, c.head_dim)
+        self.layers = [LayerKV(*(torch.zeros(shape, dtype=dtype, device=uniq.device) for _ in "kv"))
+                       for _ in range(c.n_layer)]
+        self.index, self.n = index, n
+        for c0 in range(0, U, chunk):
+            rows = torch.arange(c0, min(c0 + chunk, U), device=uniq.device)
+            prefill_shared(gpt, uniq[rows], self.layers, rows)
+
+    @classmethod
+    def build(cls, gpt: GPT, prefixes: torch.Tensor, room: float, chunk: int) -> PrefixStore | None:
+        """A store for ``prefixes`` (M, n), or None when its keys/values would not fit in
+        ``room`` bytes (the caller then shares prefixes within each step only)."""
+        uniq, index = torch.unique(prefixes, dim=0, return_inverse=True)
+        if len(uniq) * cache_bytes(gpt, prefixes.shape[1], element_size(gpt)) > room:
+            return None
+        return cls(gpt, uniq, index, max(chunk, 1))
+
+    def copy_to(self, kv: list[LayerKV], rows: torch.Tensor, which: torch.Tensor) -> None:
+        """Positions 0..n-1 of cache rows ``rows`` get the keys/values of prefixes ``which``."""
+        idx = self.index[which]
+        for layer, st in zip(kv, self.layers, strict=True):
+            layer.k[rows, :, :self.n] = st.k[idx]
+            layer.v[rows, :, :self.n] = st.v[idx]
