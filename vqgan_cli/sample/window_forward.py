@@ -158,6 +158,12 @@ def prefill_shared(gpt: GPT, prefix: torch.Tensor, kv: list[LayerKV], rows: torc
     the same conditioning crop (a uniform patch of sky, the null map of guidance) have the same
     keys/values there: they are computed once per distinct prefix and copied to each row."""
     uniq, inv = torch.unique(prefix, dim=0, return_inverse=True)  # (U, n), (R,)
+    _prefill_unique(gpt, uniq, inv, kv, rows)
+
+
+def _prefill_unique(gpt: GPT, uniq: torch.Tensor, inv: torch.Tensor, kv: list[LayerKV],
+                    rows: torch.Tensor) -> None:
+    """:func:`prefill_shared` for prefixes already made unique: ``uniq`` (U, n), row r's is ``inv[r]``."""
     U, n = uniq.shape
     x = gpt.tok_emb(uniq) + gpt.pos_emb[:, :n]  # (U, n, C)
     causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
@@ -182,12 +188,15 @@ def forward_windows(gpt: GPT, seq: torch.Tensor, lc: int) -> torch.Tensor:
     shared = lc - 1  # the last conditioning position's output may be the one read: not shared
     if shared < 1:
         return forward_last(gpt, seq)
+    uniq, inv = torch.unique(seq[:, :shared], dim=0, return_inverse=True)
+    if len(uniq) > 0.75 * N:  # little to share (low-resolution images rarely repeat): the plain way is cheaper
+        return forward_last(gpt, seq)
     c = gpt.cfg
     dtype = torch.bfloat16 if torch.is_autocast_enabled(seq.device.type) else gpt.head.weight.dtype
     shape = (N, c.n_head, T + 1, c.head_dim)  # + a scratch slot (forward_rows)
     # zeros, not empty: a masked position still multiplies its value by 0, and 0 * NaN is NaN
     kv = [LayerKV(*(torch.zeros(shape, dtype=dtype, device=seq.device) for _ in "kv")) for _ in range(c.n_layer)]
-    prefill_shared(gpt, seq[:, :shared], kv, torch.arange(N, device=seq.device))
+    _prefill_unique(gpt, uniq, inv, kv, torch.arange(N, device=seq.device))
     start = torch.full((N,), shared, device=seq.device)
     return forward_rows(gpt, seq[:, shared:], start, T - shared - 1, kv)
 
