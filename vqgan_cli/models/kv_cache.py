@@ -2,10 +2,10 @@
 
 Sampling one token at a time spends most of its time on per-call overhead, not arithmetic: at
 batch 1 a step of a small prior is a few hundred tiny kernels. :func:`decode` therefore calls the
-functional ops on the GPT's own parameters directly (no module calls, no dropout, no view/slice
-chains), writes each step's keys/values in place, and attends to one new query row with two
-plain matmuls, cheaper than a fused attention kernel's set-up at that size. It computes the same
-maths as ``GPT.forward`` (tests compare the two)."""
+functional ops on the GPT's own parameters directly (no module calls, no dropout), projects
+queries, keys and values in one matmul (:func:`fused_qkv`), writes each step's keys/values in
+place, and attends with the kernel measured fastest for the shape and dtype (:func:`attend`). It
+computes the same maths as ``GPT.forward`` (tests compare the two)."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ softmax. Two decisions make samples reproducible:
 - Every sample row owns a ``torch.Generator`` and each step uses one uniform number per row
   (:func:`step_uniforms`, the row's stream in step order), turned into a token by inverse-CDF
   lookup. The random stream therefore depends only on the number of steps, never on how logits
-  were computed, so the cached and the plain (uncached)
-  path produce identical tokens whenever their logits agree (they do in float32 on CPU).
+  were computed, so the cached and the plain (uncached) path produce identical tokens whenever
+  their logits agree (they do in float32 on CPU).
 - Classifier-free guidance runs the conditional and the unconditional ("null") sequences as one
   batch of 2B rows and mixes their logits, ``u + s * (c - u)``, before temperature and filtering.
 

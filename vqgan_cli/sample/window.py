@@ -73,6 +73,7 @@ from vqgan_cli.sample.window_forward import (
     forward_bytes,
     forward_rows,
     forward_windows,
+    new_caches,
     precision_context,
     prefill_shared,
 )
@@ -278,12 +279,8 @@ def sample_fast(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[in
     R, lc = batch.per_unit, batch.lc
     P = lc + ch * cw  # window positions (lc + ch*cw - 1) and a scratch slot
     dev = grid.device
-    dtype = torch.bfloat16 if torch.is_autocast_enabled(dev.type) else gpt.head.weight.dtype
-    c = gpt.cfg
     n_slots = max(plan.max_live_tiles(), 1)
-    shape = (n_slots * R, c.n_head, P, c.head_dim)
-    pool = [LayerKV(torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev))
-            for _ in range(c.n_layer)]
+    pool = new_caches(gpt, n_slots * R, P)
     per_unit = R * (cache_bytes(gpt, P, element_size(gpt)) + forward_bytes(gpt, P))
     pool_bytes = n_slots * R * cache_bytes(gpt, P, element_size(gpt))
     max_units = int((_budget(memory_mib) - pool_bytes) // per_unit)

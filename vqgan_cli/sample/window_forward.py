@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 from torch.nn import functional as F
 
-from vqgan_cli.models.gpt import GPT, LayerKV
+from vqgan_cli.models.gpt import GPT, KVCache, LayerKV
 from vqgan_cli.models.kv_cache import attend, fused_qkv
 from vqgan_cli.sample.tokens import SamplingError
 
@@ -51,9 +51,23 @@ def precision_context(model: torch.nn.Module, precision: str) -> Iterator[None]:
 # memory
 
 
+def cache_dtype(gpt: GPT) -> torch.dtype:
+    """The dtype window caches are kept in: bfloat16 under autocast (keys/values are computed in
+    it anyway), else the weights' dtype."""
+    w = gpt.head.weight
+    return torch.bfloat16 if torch.is_autocast_enabled(w.device.type) else w.dtype
+
+
 def element_size(gpt: GPT) -> int:
-    dev = gpt.head.weight.device.type
-    return 2 if torch.is_autocast_enabled(dev) else gpt.head.weight.element_size()
+    return torch.empty((), dtype=cache_dtype(gpt)).element_size()
+
+
+def new_caches(gpt: GPT, rows: int, positions: int) -> list[LayerKV]:
+    """Zeroed per-layer keys/values for ``rows`` windows of ``positions`` positions (zeros, not
+    empty: a masked position still multiplies its value by 0, and 0 * NaN is NaN)."""
+    c = gpt.cfg
+    return KVCache.empty(c.n_layer, rows, c.n_head, positions, c.head_dim, device=gpt.head.weight.device,
+                         dtype=cache_dtype(gpt)).layers
 
 
 def forward_bytes(gpt: GPT, length: int) -> int:
@@ -151,7 +165,6 @@ def forward_rows(gpt: GPT, idx: torch.Tensor, start: torch.Tensor, last: int | t
     return gpt.head(gpt.ln_f(x[:, 0]))
 
 
-
 def prefill_shared(gpt: GPT, prefix: torch.Tensor, kv: list[LayerKV], rows: torch.Tensor) -> None:
     """Write the keys/values of positions 0..n-1 of cache rows ``rows`` (R,) from their first
     tokens ``prefix`` (R, n). Every window's conditioning starts at position 0, so windows with
@@ -191,11 +204,7 @@ def forward_windows(gpt: GPT, seq: torch.Tensor, lc: int) -> torch.Tensor:
     uniq, inv = torch.unique(seq[:, :shared], dim=0, return_inverse=True)
     if len(uniq) > 0.75 * N:  # little to share (low-resolution images rarely repeat): the plain way is cheaper
         return forward_last(gpt, seq)
-    c = gpt.cfg
-    dtype = torch.bfloat16 if torch.is_autocast_enabled(seq.device.type) else gpt.head.weight.dtype
-    shape = (N, c.n_head, T + 1, c.head_dim)  # + a scratch slot (forward_rows)
-    # zeros, not empty: a masked position still multiplies its value by 0, and 0 * NaN is NaN
-    kv = [LayerKV(*(torch.zeros(shape, dtype=dtype, device=seq.device) for _ in "kv")) for _ in range(c.n_layer)]
+    kv = new_caches(gpt, N, T + 1)  # + a scratch slot (forward_rows)
     _prefill_unique(gpt, uniq, inv, kv, torch.arange(N, device=seq.device))
     start = torch.full((N,), shared, device=seq.device)
     return forward_rows(gpt, seq[:, shared:], start, T - shared - 1, kv)
@@ -208,16 +217,12 @@ class PrefixStore:
     large batches, and copied into a window's cache when the window starts."""
 
     def __init__(self, gpt: GPT, uniq: torch.Tensor, index: torch.Tensor, chunk: int):
-        c = gpt.cfg
         U, n = uniq.shape
-        dtype = torch.bfloat16 if torch.is_autocast_enabled(uniq.device.type) else gpt.head.weight.dtype
-        shape = (U, c.n_head, n, c.head_dim)
-        self.layers = [LayerKV(*(torch.zeros(shape, dtype=dtype, device=uniq.device) for _ in "kv"))
-                       for _ in range(c.n_layer)]
+        self.layers = new_caches(gpt, U, n)
         self.index, self.n = index, n
-        for c0 in range(0, U, chunk):
+        for c0 in range(0, U, chunk):  # already distinct: no second torch.unique
             rows = torch.arange(c0, min(c0 + chunk, U), device=uniq.device)
-            prefill_shared(gpt, uniq[rows], self.layers, rows)
+            _prefill_unique(gpt, uniq[rows], torch.arange(len(rows), device=uniq.device), self.layers, rows)
 
     @classmethod
     def build(cls, gpt: GPT, prefixes: torch.Tensor, room: float, chunk: int) -> PrefixStore | None:
