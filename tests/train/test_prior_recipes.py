@@ -124,4 +124,5 @@ def test_benchmark_quick_reports_the_quickstart_model_and_consistent_numbers():
                                    (r[32:].split() for r in rows)], strict=True)
     for med, tps, ratio in zip(medians, per_s, ratios, strict=True):  # printed to 4, 0 and 2 decimals
         assert 2 * 127 / tps == pytest.approx(med, rel=2e-3, abs=6e-5)
-        assert ratio == pytest.approx(medians[0] / med, rel=2e-3, abs=0.006)
+        # the ratio from the rates: a median printed to 4 decimals can be a few per cent off
+        assert ratio == pytest.approx(tps / per_s[0], rel=1e-3, abs=0.006)
