@@ -176,6 +176,25 @@ def test_autocast_bf16_cpu() -> None:
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.05)
 
 
+def test_bf16_decoding_hides_the_cache_beyond_each_row() -> None:
+    """bf16 decoding reads whole cache buffers (a slice would be copied by every matmul): what a
+    longer, rewound sequence left after the current position must not change a step."""
+    model = tiny()
+    idx = torch.randint(0, V, (5, 12), generator=torch.Generator().manual_seed(7))
+    other = torch.full((5, 12), V - 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = model.new_cache(5, 12)
+        expected = [model.forward_cached(idx[:, :4], fresh, 0)]
+        expected += [model.forward_cached(idx[:, i:i + 1], fresh, i) for i in range(4, 12)]
+        stale = model.new_cache(5, 12)
+        model.forward_cached(other, stale, 0)  # fills every position with another sequence's keys
+        got = [model.forward_cached(idx[:, :4], stale, 0)]  # rewound to 0: positions 4.. are stale
+        got += [model.forward_cached(idx[:, i:i + 1], stale, i) for i in range(4, 12)]
+    assert not torch.equal(stale.layers[0].k, torch.zeros_like(stale.layers[0].k))
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g)  # masked positions weigh exactly 0
+
+
 def test_param_groups_cover_everything_once() -> None:
     model = tiny()
     groups = param_groups(model, 0.01)

@@ -50,7 +50,7 @@ from collections import defaultdict
 
 import torch
 
-from vqgan_cli.models.gpt import GPT, LayerKV
+from vqgan_cli.models.gpt import GPT
 from vqgan_cli.sample.choices import DEFAULT_MEMORY_MIB, DEFAULT_WINDOW, WINDOW_MODES
 from vqgan_cli.sample.conditioning import Conditioning, cut
 from vqgan_cli.sample.schedule import (
@@ -76,6 +76,8 @@ from vqgan_cli.sample.window_forward import (
     new_caches,
     precision_context,
     prefill_shared,
+    put_rows,
+    take_rows,
 )
 
 DEFAULT_SEGMENT: int | None = None  # None: the widest segment that keeps the context, cw//2 + 1
@@ -309,7 +311,7 @@ def sample_fast(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[in
             start = torch.tensor([filled[un.tile] for un in part])
             first_r, start_r = first.repeat_interleave(R), start.repeat_interleave(R)
             seq = batch.sequences(part)  # (n * R, P)
-            kv = [LayerKV(layer.k[sel], layer.v[sel]) for layer in pool]  # this part's caches
+            kv = take_rows(pool, sel)  # this part's caches
             new = (start_r == 0).nonzero()[:, 0].to(dev)
             if lc > 1 and len(new):  # new tiles: conditioning keys/values computed once per crop
                 if store is not None:
@@ -333,9 +335,7 @@ def sample_fast(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[in
                 tok = batch.draw(logits, part, t)
                 if t + 1 < n_tok:
                     logits = forward_rows(gpt, tok[:, None], (first_r + t).to(dev), 0, kv)
-            for layer, mine in zip(pool, kv, strict=True):
-                layer.k[sel] = mine.k
-                layer.v[sel] = mine.v
+            put_rows(pool, sel, kv)
             for un, f in zip(part, first.tolist(), strict=True):
                 filled[un.tile] = f + un.c1 - un.c0 - 1  # the last drawn token is not fed yet
                 if plan.last_of_tile[un.tile] == index[id(un)]:

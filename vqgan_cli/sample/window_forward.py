@@ -127,6 +127,22 @@ def _project(h: torch.Tensor, qkv: tuple[torch.Tensor, torch.Tensor], n_head: in
     return F.linear(h, w, b).view(N, T, -1, n_head, C // n_head)
 
 
+def take_rows(kv: list[LayerKV], rows: torch.Tensor) -> list[LayerKV]:
+    """Copies of cache rows ``rows`` (N,) of every layer. ``index_select``, not ``kv.k[rows]``:
+    advanced indexing of a whole (S, nh, P, hs) cache is 3-7x slower on the CPU (138 us against
+    21 us for 16 rows of 4 x 128 x 64 in bf16), and ``fast`` gathers at every step."""
+    return [LayerKV(layer.k.index_select(0, rows), layer.v.index_select(0, rows)) for layer in kv]
+
+
+def put_rows(kv: list[LayerKV], rows: torch.Tensor, src: list[LayerKV]) -> None:
+    """Write ``src`` (N rows per layer) back to cache rows ``rows`` (N,, distinct): a copy per
+    row, which is 2-3x faster than ``index_put_``/``index_copy_`` on the CPU at these sizes."""
+    for n, r in enumerate(rows.tolist()):
+        for layer, mine in zip(kv, src, strict=True):
+            layer.k[r].copy_(mine.k[n])
+            layer.v[r].copy_(mine.v[n])
+
+
 def forward_rows(gpt: GPT, idx: torch.Tensor, start: torch.Tensor, last: int | torch.Tensor,
                  kv: list[LayerKV], sel: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (N, V) at position ``last`` of each row of ``idx`` (N, T), fed through the caches
@@ -154,7 +170,7 @@ def forward_rows(gpt: GPT, idx: torch.Tensor, start: torch.Tensor, last: int | t
         proj = _project(h, qkv, gpt.cfg.n_head, keys_only=final)  # (N, T, 2 or 3, nh, hs)
         layer.k[at[:, None], :, write] = proj[:, :, -2].to(layer.k.dtype)
         layer.v[at[:, None], :, write] = proj[:, :, -1].to(layer.v.dtype)
-        ks, vs = (layer.k, layer.v) if sel is None else (layer.k[sel], layer.v[sel])  # (N, nh, P, hs)
+        ks, vs = (layer.k, layer.v) if sel is None else take_rows([layer], sel)[0]  # (N, nh, P, hs)
         if not final:
             y = attend(proj[:, :, 0].transpose(1, 2), ks, vs, allowed[:, None])
             x = x + a.proj(y.transpose(1, 2).reshape(x.shape))
