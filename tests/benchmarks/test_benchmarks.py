@@ -180,10 +180,9 @@ def test_sampling_benchmark_quick_runs_and_its_numbers_hold_together():
     for key in ("fp32_b1", "fp32_b8", "bf16_b1", "bf16_b8"):
         c = res["cache"][key]
         assert c["ratio_reference"] == pytest.approx(c["reference"] / c["ours"])
-        # the products' time is a part of ours (profiled in a separate run, so not bounded by
-        # it exactly), and the bound is the reference's time over it
-        assert 0 < c["products"] < 2 * c["ours"]
-        assert c["bound"] == pytest.approx(c["reference"] / c["products"])
+        # the bound is the reference's time over ours' time in the products (a separate,
+        # profiled run: on a loaded machine it need not stay below ours' timed run)
+        assert c["products"] > 0 and c["bound"] == pytest.approx(c["reference"] / c["products"])
     w = res["window"]
     H, W = w["grid"]
     assert (H, W) == (24, 32) and w["crop"] == [8, 8] and w["timed_rows"] == 2
