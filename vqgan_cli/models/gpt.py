@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from vqgan_cli.config import spec
-from vqgan_cli.models.kv_cache import KVCache, LayerKV, decode
+from vqgan_cli.models.kv_cache import KVCache, LayerKV, cache_dtype, decode
 
 __all__ = ["GPT", "GPTConfig", "GPTSize", "KVCache", "LayerKV", "param_groups"]
 
@@ -207,9 +207,7 @@ class GPT(nn.Module):
             raise ValueError(f"max_len must be in [1, block_size={self.cfg.block_size}], got {max_len}")
         ref = self.head.weight
         device = ref.device if device is None else torch.device(device)
-        if dtype is None:
-            on = torch.is_autocast_enabled(device.type)
-            dtype = torch.get_autocast_dtype(device.type) if on else ref.dtype
+        dtype = cache_dtype(device, ref.dtype) if dtype is None else dtype
         return KVCache.empty(self.cfg.n_layer, batch_size, self.cfg.n_head, max_len,
                              self.cfg.head_dim, device=device, dtype=dtype)
 
@@ -220,7 +218,9 @@ class GPT(nn.Module):
         Their keys/values go into ``cache`` and each attends to every earlier cached position,
         so the result equals ``forward(full)[:, pos:pos+t]``. ``pos`` defaults to
         ``cache.length``; a smaller ``pos`` overwrites (rewinds) the tail. No gradients and no
-        dropout: the cache exists for decoding only (:func:`~vqgan_cli.models.kv_cache.decode`).
+        dropout: the cache exists for decoding only (:func:`~vqgan_cli.models.kv_cache.decode`),
+        and it keeps the fused projection of the weights it started with: after changing the
+        weights, start a new cache (its keys/values came from the old ones anyway).
         """
         B, t = idx.shape
         pos = cache.length if pos is None else pos

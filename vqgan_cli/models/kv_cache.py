@@ -36,6 +36,9 @@ class KVCache:
     def __init__(self, layers: list[LayerKV], length: int = 0):
         self.layers = layers
         self.length = length
+        # the fused projection of the weights this cache's keys/values come from, taken at its
+        # first decoding step (:func:`fused_qkv`'s staleness check costs ~30 us, once per step)
+        self.qkv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
     def empty(cls, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
@@ -55,13 +58,21 @@ class KVCache:
         return self.layers[0].k.shape[2]
 
 
+def cache_dtype(device: torch.device, weights: torch.dtype) -> torch.dtype:
+    """The dtype keys/values are kept in on ``device``: the autocast dtype when autocast is on
+    there (they are computed in it anyway), else the weights' dtype."""
+    on = torch.is_autocast_enabled(device.type)
+    return torch.get_autocast_dtype(device.type) if on else weights
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of ``q`` (N, nh, T, hs) over ``k``/``v`` (N, nh, L, hs) where ``mask`` (broadcast
     to (N, nh, T, L)) allows. Measured on the CPU (``benchmarks/sampling.py``): the fused kernel
     wins in float32 except for one query row of many sequences; in bfloat16 plain matmuls win
-    everywhere (2x with several query rows, up to 8x with one)."""
+    everywhere (2x with several query rows, up to 8x with one). Other devices: the fused kernel."""
     k, v = k.to(q.dtype), v.to(q.dtype)
-    if q.dtype == torch.float32 and (q.shape[2] > 1 or q.shape[0] <= 4):
+    on_cpu = q.device.type == "cpu"
+    if not on_cpu or (q.dtype == torch.float32 and (q.shape[2] > 1 or q.shape[0] <= 4)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (N, nh, T, L)
     if mask is not None:
@@ -101,16 +112,20 @@ def decode(gpt: GPT, idx: torch.Tensor, cache: KVCache, pos: int) -> torch.Tenso
     B, t = idx.shape
     nh = gpt.cfg.n_head
     end = pos + t
-    # bfloat16 matmuls copy a slice of the cache at every call (on the CPU: 171 us against 96 us
+    # the CPU's bfloat16 matmuls copy a slice of the cache at every call (171 us against 96 us
     # for the whole 256-position buffer at 8 x 4 heads), so they read whole buffers, with a mask
-    # that hides the positions after each row's own; float32 kernels take the slice as it is
-    span = end if cache.layers[0].k.dtype == torch.float32 else cache.max_len
+    # that hides the positions after each row's own; other kernels take the slice as it is
+    keys = cache.layers[0].k
+    whole = keys.dtype != torch.float32 and keys.device.type == "cpu"
+    span = cache.max_len if whole else end
     mask = None
     if t > 1 or span > end:  # a row sees the cached positions and the new ones up to its own
         mask = torch.ones(t, span, dtype=torch.bool, device=idx.device).tril(diagonal=pos)
     x = F.embedding(idx, gpt.tok_emb.weight) + gpt.pos_emb[:, pos:end]  # (B, t, C)
     C = x.shape[-1]
-    for blk, kv, (w, b) in zip(gpt.blocks, cache.layers, fused_qkv(gpt), strict=True):
+    if cache.qkv is None:
+        cache.qkv = fused_qkv(gpt)
+    for blk, kv, (w, b) in zip(gpt.blocks, cache.layers, cache.qkv, strict=True):
         a = blk.attn
         qkv = F.linear(_norm(x, blk.ln1), w, b).view(B, t, 3, nh, C // nh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, t, hs)

@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from vqgan_cli.models.gpt import GPT, KVCache, LayerKV
-from vqgan_cli.models.kv_cache import attend, fused_qkv
+from vqgan_cli.models.kv_cache import attend, cache_dtype, fused_qkv
 from vqgan_cli.sample.tokens import SamplingError
 
 PRECISIONS = ("fp32", "bf16")
@@ -51,15 +51,14 @@ def precision_context(model: torch.nn.Module, precision: str) -> Iterator[None]:
 # memory
 
 
-def cache_dtype(gpt: GPT) -> torch.dtype:
-    """The dtype window caches are kept in: bfloat16 under autocast (keys/values are computed in
-    it anyway), else the weights' dtype."""
+def _cache_dtype(gpt: GPT) -> torch.dtype:
+    """Window caches follow the decoding cache's rule (:func:`~vqgan_cli.models.kv_cache.cache_dtype`)."""
     w = gpt.head.weight
-    return torch.bfloat16 if torch.is_autocast_enabled(w.device.type) else w.dtype
+    return cache_dtype(w.device, w.dtype)
 
 
 def element_size(gpt: GPT) -> int:
-    return torch.empty((), dtype=cache_dtype(gpt)).element_size()
+    return torch.empty((), dtype=_cache_dtype(gpt)).element_size()
 
 
 def new_caches(gpt: GPT, rows: int, positions: int) -> list[LayerKV]:
@@ -67,7 +66,7 @@ def new_caches(gpt: GPT, rows: int, positions: int) -> list[LayerKV]:
     empty: a masked position still multiplies its value by 0, and 0 * NaN is NaN)."""
     c = gpt.cfg
     return KVCache.empty(c.n_layer, rows, c.n_head, positions, c.head_dim, device=gpt.head.weight.device,
-                         dtype=cache_dtype(gpt)).layers
+                         dtype=_cache_dtype(gpt)).layers
 
 
 def forward_bytes(gpt: GPT, length: int) -> int:
@@ -201,8 +200,8 @@ def _prefill_unique(gpt: GPT, uniq: torch.Tensor, inv: torch.Tensor, kv: list[La
         final = blk is gpt.blocks[-1]  # the last layer's outputs are not needed, only its keys/values
         proj = _project(blk.ln1(x), qkv, gpt.cfg.n_head, keys_only=final)  # (U, n, 2 or 3, nh, hs)
         k, v = proj[:, :, -2].transpose(1, 2), proj[:, :, -1].transpose(1, 2)  # (U, nh, n, hs)
-        layer.k[rows, :, :n] = k[inv].to(layer.k.dtype)
-        layer.v[rows, :, :n] = v[inv].to(layer.v.dtype)
+        layer.k[rows, :, :n] = k.index_select(0, inv).to(layer.k.dtype)
+        layer.v[rows, :, :n] = v.index_select(0, inv).to(layer.v.dtype)
         if not final:
             y = attend(proj[:, :, 0].transpose(1, 2), k, v, causal)
             x = x + a.proj(y.transpose(1, 2).reshape(x.shape))
@@ -252,6 +251,6 @@ class PrefixStore:
     def copy_to(self, kv: list[LayerKV], rows: torch.Tensor, which: torch.Tensor) -> None:
         """Positions 0..n-1 of cache rows ``rows`` get the keys/values of prefixes ``which``."""
         idx = self.index[which]
-        for layer, st in zip(kv, self.layers, strict=True):
-            layer.k[rows, :, :self.n] = st.k[idx]
-            layer.v[rows, :, :self.n] = st.v[idx]
+        for layer, st in zip(kv, take_rows(self.layers, idx), strict=True):
+            layer.k[rows, :, :self.n] = st.k
+            layer.v[rows, :, :self.n] = st.v
