@@ -139,6 +139,10 @@ def test_sample_download_and_bad_upload_in_chromium(served) -> None:
             # a painted map: a stroke of the first brush colour (sky) across the built-in map
             page.get_by_role("radio", name="paint", exact=True).check()
             page.wait_for_function("() => document.querySelector('#status').innerText.trim() === 'map ready'")
+            # put the current (40x32) map on the canvas now: the page's first map and the resized
+            # one reached the canvas in quick succession, and Gradio's ImageEditor loads images
+            # asynchronously, so on a busy machine the first could land last (seen once in CI)
+            page.get_by_role("button", name="paint on this map").click()
             page.wait_for_timeout(1000)  # let the canvas take the map before drawing on it
             page.click("#paint button[aria-label=Brush]")
             box = page.locator("#paint canvas").first.bounding_box()
