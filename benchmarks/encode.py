@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import machine_line  # a sibling script: benchmarks/ is on sys.path
 from PIL import Image
 
 from vqgan_cli.checkpoints.load import save_tokenizer
@@ -37,6 +38,7 @@ from vqgan_cli.encode import EncodeOptions, encode_dataset, shard_batches
 from vqgan_cli.encode.inputs import Prepare, list_items, to_model_range
 from vqgan_cli.models.config import TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
+from vqgan_cli.precision import autocast, resolve_precision
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -68,8 +70,10 @@ def write_images(folder: Path, n: int, size: int) -> None:
 
 
 def bare_rate(model: VQGAN, batches: list[torch.Tensor], device: torch.device) -> float:
-    """Images/s of model.encode alone over batches already on the device."""
-    with torch.inference_mode():
+    """Images/s of model.encode alone over batches already on the device, at the precision
+    encode-dataset's ``auto`` runs on this device."""
+    precision = resolve_precision("auto", device, training=False).name
+    with torch.inference_mode(), autocast(device, precision):
         model.encode(batches[0])  # warm-up (kernel selection, allocator)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -95,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(machine_line(), flush=True)
     rounds = 1 if args.quick else args.rounds
     n = args.images or (16 if args.quick else (1024 if args.preset == "quickstart" else 64))
     batch = min(args.batch_size, 8) if args.quick else args.batch_size

@@ -13,8 +13,9 @@ with the quickstart shards' shape: 256 codes, 8x8 tokens conditioned on an 8x8 l
 - ours: the shipped ``PriorStage`` of ``vqgan_cli/train/prior.py``, ``stage.step`` +
   ``stage.apply`` as the training engine calls them (``Prior.training_sequences``, the forward
   through ``F.scaled_dot_product_attention``, ``token_nll``, fused AdamW with the recipe's
-  schedule and gradient clipping), in eager fp32 and with bf16 autocast; ``--compile`` adds
-  bf16 + ``torch.compile``.
+  schedule and gradient clipping), in eager fp32 and, where the CPU computes bf16 natively (or
+  with ``--bf16``), with bf16 autocast; ``--compile`` adds ``torch.compile`` at the precision
+  ``auto`` picks on this machine.
 
 Tokens/s counts every input position (batch x 127) per optimiser step. The median of
 ``--steps`` timed steps after warm-up is reported; every ratio is reference time / variant time
@@ -34,6 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from machine import default_precisions, machine_line  # a sibling script: benchmarks/ is on sys.path when they run
 from reference_gpt import reference_model  # a sibling script: benchmarks/ is on sys.path when they run
 
 from vqgan_cli.config import load_recipe
@@ -97,12 +99,14 @@ def our_step(prior: Prior, recipe: PriorRecipe, precision: str, compile_: bool =
     return step
 
 
-def variants(prior: Prior, recipe: PriorRecipe, compile_: bool) -> dict[str, Step]:
+def variants(prior: Prior, recipe: PriorRecipe, compile_: bool, precisions: list[str]) -> dict[str, Step]:
     out = {"reference fp32 (minGPT eager)": reference_step(prior),
-           "ours fp32 (SDPA)": our_step(copy.deepcopy(prior), recipe, "fp32"),
-           "ours bf16 autocast": our_step(copy.deepcopy(prior), recipe, "bf16")}
+           "ours fp32 (SDPA)": our_step(copy.deepcopy(prior), recipe, "fp32")}
+    if "bf16" in precisions:
+        out["ours bf16 autocast"] = our_step(copy.deepcopy(prior), recipe, "bf16")
     if compile_:
-        out["ours bf16 + torch.compile"] = our_step(copy.deepcopy(prior), recipe, "bf16", compile_=True)
+        auto = precisions[-1]
+        out[f"ours {auto} + torch.compile"] = our_step(copy.deepcopy(prior), recipe, auto, compile_=True)
     return out
 
 
@@ -112,11 +116,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--compile", action="store_true", help="also time bf16 + torch.compile")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (at auto's precision)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="time bf16 autocast also where this CPU emulates it (about 10x slower than fp32 there)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(machine_line(), flush=True)
     if args.quick:
         args.steps, args.warmup, args.batch = 2, 1, 2
     recipe = load_recipe(PriorRecipe, QUICKSTART)
@@ -128,7 +135,10 @@ def main() -> None:
     batch = {"keys": [str(i) for i in range(args.batch)],
              "cond": torch.randint(0, N_LABELS, (args.batch, *GRID), generator=g),
              "tokens": torch.randint(0, VOCAB, (args.batch, *GRID), generator=g)}
-    steps = variants(prior, recipe, args.compile)
+    precisions = default_precisions()
+    if args.bf16 and "bf16" not in precisions:
+        precisions.append("bf16")
+    steps = variants(prior, recipe, args.compile, precisions)
     for fn in steps.values():
         for _ in range(args.warmup):
             fn(batch)

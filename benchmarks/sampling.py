@@ -22,7 +22,8 @@ against the reference's window loop. Every ratio is measured within this one run
       position costs the same full-window forward, so time scales with the number of positions
       (``--full``: time the whole grid, 16,640 forwards, about 4-6 minutes in fp32);
     - ``--window exact`` and ``--window fast`` on the whole grid;
-    at equal precision, fp32 and bf16 autocast. The reference loop and ``exact`` must draw the
+    at equal precision: fp32, and bf16 autocast where the CPU computes bf16 natively (``--bf16``
+    adds it elsewhere, where it is emulated and about 10x slower). The reference loop and ``exact`` must draw the
     same tokens on the rows both computed (fp32); the script checks it.
     ``--fast-table``: ``fast``'s speed over segment lengths and band heights.
     Then the peak memory (RSS of a fresh process) of ``fast`` at 1280x832 and 2560x1664.
@@ -44,6 +45,7 @@ import time
 from functools import partial
 
 import torch
+from machine import default_precisions, machine_info, machine_line  # sibling script
 from reference_gpt import RefGPT, reference_model  # a sibling script: benchmarks/ is on sys.path
 from torch.nn import functional as F
 
@@ -65,6 +67,7 @@ PRESETS = {  # layers, heads, width, crop side (tokens), image vocab, labels
 }
 FACTOR = 8
 RESULTS: dict = {}
+PRECISIONS = default_precisions()  # fp32, and bf16 where this CPU computes it natively (or --bf16)
 
 
 def build(preset: str, block: int) -> GPT:
@@ -127,7 +130,7 @@ def bench_cache(preset: str, n_tokens: int) -> None:
     opts = SamplingOptions(top_k=100)
     print(f"(a) {n_tokens} tokens after a start token, preset {preset}; seconds (tokens/s)")
     RESULTS["cache"] = {}
-    for precision in ("fp32", "bf16"):
+    for precision in PRECISIONS:
         for batch in (1, 8):
             cond = torch.zeros(batch, 1, dtype=torch.long)
             gens = list(range(batch))
@@ -215,7 +218,7 @@ def bench_window(preset: str, size: tuple[int, int], band_rows: int | None, fast
         counter.handle.remove()
         return t, out, counter.n
 
-    for precision in ("fp32", "bf16"):
+    for precision in PRECISIONS:
         t_ref1, ref_tokens, forwards = reference(precision)
         t_exact, exact_tokens = _timed(partial(sample_window, gpt, cond, init, crop, opts, make_generators([0]),
                                                mode="exact", precision=precision))
@@ -246,19 +249,20 @@ def bench_window(preset: str, size: tuple[int, int], band_rows: int | None, fast
 def bench_fast_table(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[int, int],
                      opts: SamplingOptions, res: dict) -> None:
     print("    fast over segment length x band height (seconds, one image):")
-    print("    | segment | rows | steps | windows | fp32 s | bf16 s |")
-    print("    |---|---|---|---|---|---|")
+    print("    | segment | rows | steps | windows | " + " | ".join(f"{p} s" for p in PRECISIONS) + " |")
+    print("    |---|---|---|---|" + "---|" * len(PRECISIONS))
     table = []
     for seg in sorted({2, 3, 4, max_segment(crop)}):
         for rows in (1, max_rows(crop)):
             plan = plan_windows(init.shape[1:], crop, None, seg, rows)
             times = {}
-            for precision in ("fp32", "bf16"):
+            for precision in PRECISIONS:
                 times[precision], _ = _timed(partial(
                     sample_window, gpt, cond, init, crop, opts, make_generators([0]), mode="fast",
                     segment=seg, rows=rows, precision=precision))
             tiles = len({u.tile for u in plan.units})
-            print(f"    | {seg} | {rows} | {plan.n_steps} | {tiles} | {times['fp32']:.1f} | {times['bf16']:.1f} |")
+            print(f"    | {seg} | {rows} | {plan.n_steps} | {tiles} | "
+                  + " | ".join(f"{times[p]:.1f}" for p in PRECISIONS) + " |")
             table.append({"segment": seg, "rows": rows, "steps": plan.n_steps, "windows": tiles, **times})
     res["fast_table"] = table
 
@@ -270,7 +274,7 @@ def _child(preset: str, width: int, height: int) -> None:
         before = int(fh.read().split()[1]) * resource.getpagesize() / 2**20
     t0 = time.perf_counter()
     sample_window(gpt, cond, init, crop, SamplingOptions(top_k=100), make_generators([0]), mode="fast",
-                  precision="bf16")
+                  precision=PRECISIONS[-1])
     dt = time.perf_counter() - t0
     # VmHWM: this process image's own peak (ru_maxrss would start from the parent's at fork)
     with open("/proc/self/status") as fh:
@@ -279,7 +283,7 @@ def _child(preset: str, width: int, height: int) -> None:
 
 
 def bench_memory(preset: str, threads: int | None) -> None:
-    print("    peak memory of fast sampling, bf16 (fresh process each; sampling only):")
+    print(f"    peak memory of fast sampling, {PRECISIONS[-1]} (fresh process each; sampling only):")
     res = {}
     for width, height in ((1280, 832), (2560, 1664)):
         cmd = [sys.executable, __file__, "--child", f"{width}x{height}", "--preset", preset]
@@ -307,16 +311,19 @@ def main() -> None:
     ap.add_argument("--fast-table", action="store_true", help="fast over segment lengths and band heights")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--only", choices=("a", "b"), default=None)
+    ap.add_argument("--bf16", action="store_true",
+                    help="time bf16 also where this CPU emulates it (about 10x slower than fp32 there)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.bf16 and "bf16" not in PRECISIONS:
+        PRECISIONS.append("bf16")
     if args.child:
         w, h = map(int, args.child.split("x"))
         _child(args.preset, w, h)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; load average before: "
-          f"{open('/proc/loadavg').read().split()[0]}")
+    print(machine_line(), flush=True)
     if args.only in (None, "a"):
         bench_cache(args.preset, 32 if args.quick else 256)
     if args.only in (None, "b"):
@@ -326,6 +333,7 @@ def main() -> None:
         if not (args.skip_memory or args.quick):
             bench_memory(args.preset, args.threads)
     print(f"load average after: {open('/proc/loadavg').read().split()[0]}")
+    RESULTS["precisions"], RESULTS["machine"] = PRECISIONS, machine_info()
     print("RESULTS " + json.dumps(RESULTS))
 
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import machine_line  # a sibling script: benchmarks/ is on sys.path
 
 from vqgan_cli.shards.format import MANIFEST, MANIFEST_FORMAT, ShardWriter, TokenSample, TokenShardDataset, shard_name
 
@@ -63,6 +64,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=300, help="samples per synthetic shard")
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
+    print(machine_line(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.shards or write_synthetic(Path(tmp), args.synthetic, args.samples)
         files = sorted(root.glob("shard-*.tar"))

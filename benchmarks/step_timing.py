@@ -4,11 +4,8 @@ machine they ran on (timings on a shared machine mean little without its load)."
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass
@@ -56,21 +53,3 @@ def table(results: list[Result], batches: dict[str, int]) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    """The CPU's model name, for the header of a result."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "unknown"

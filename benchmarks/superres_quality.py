@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine_line  # a sibling script: benchmarks/ is on sys.path
 from PIL import Image
 
 from vqgan_cli.data.dataset import VAL_SEED_BASE
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--window", default="fast")
-    p.add_argument("--precision", default="bf16")
+    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (as vqgan upscale)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--save-images", default=None)
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--seeds: use held-out scenes (>= {VAL_SEED_BASE}); lower seeds are training scenes")
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(machine_line(), flush=True)
     t0 = time.perf_counter()
     text = table(measure(args))
     print(text)

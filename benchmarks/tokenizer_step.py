@@ -36,7 +36,8 @@ from pathlib import Path
 
 import reference_vqgan as ref  # sibling scripts: benchmarks/ is on sys.path when they run
 import torch
-from step_timing import Result, cpu_name, describe_error, load_average, table
+from machine import default_precisions, load_average, machine_info, machine_line
+from step_timing import Result, describe_error, table
 
 import vqgan_cli.models.lpips as perceptual
 from vqgan_cli.config import load_recipe
@@ -125,8 +126,12 @@ VARIANTS = (
     Variant("compile", "ours bf16 autocast NCHW + torch.compile", precision="bf16", compile=True),
     Variant("compile_cl", "ours bf16 + channels_last + torch.compile", precision="bf16", channels_last=True,
             compile=True),
+    Variant("compile_fp32", "ours fp32 NCHW + torch.compile", compile=True),
+    Variant("compile_fp32_cl", "ours fp32 channels_last + torch.compile", channels_last=True, compile=True),
 )
-DEFAULT_VARIANTS = ("reference", "eager", "cl", "bf16", "bf16_cl", "compile")
+# bf16 rows only where the CPU computes bf16 natively: emulated, a bf16 step takes ~10x an fp32 one
+DEFAULT_VARIANTS = (("reference", "eager", "cl", "bf16", "bf16_cl", "compile") if "bf16" in default_precisions()
+                    else ("reference", "eager", "cl", "compile_fp32", "compile_fp32_cl"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,9 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         b = get_bench(name)
         benches[name] = replace(b, batch=batch) if batch else b
 
-    print(f"VQGAN tokenizer training step: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"{cpu_name()}, CPU")
-    print(f"load average before: {load_average()} (other busy processes on this machine distort timings)")
+    print("VQGAN tokenizer training step")
+    print(machine_line(), "(other busy processes on this machine distort timings)")
     print("s/step: median wall-clock seconds; vs reference: reference s/step / variant s/step; "
           "cpu s/step: median process CPU seconds (all threads)")
     print(f"median of {steps} timed step(s) after {warmup} warm-up step(s) "
@@ -377,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {r.config}/{r.variant} failed: {r.error}")
     if args.json:
         args.json.write_text(json.dumps({
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
+            "machine": machine_info(),
             "steps": steps, "warmup": warmup, "quick": args.quick,
             "results": [{"config": r.config, "variant": r.variant, "label": r.label,
                          "batch": benches[r.config].batch, "times_s": r.times, "cpu_s": r.cpu_times,

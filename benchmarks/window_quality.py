@@ -19,6 +19,11 @@ the scene the map was rendered with:
 - token: the same at exactly f pixels (one token), over the real render's;
 - seam: median jump across rows at multiples of f*ch/2 over the jumps f rows above and below
   (1 = no seams; the real render's own value is in its row);
+- speckles: share of cells inside one-label regions whose mean colour differs from the median of
+  their 8 neighbours by more than 24 grey levels (``vqgan_cli.metrics.speckle_score``: dots of
+  wrong colour in the sky; a real render: 0);
+- bottom strip: mean luminance of the last token row minus the row above it, in grey levels
+  (``vqgan_cli.metrics.bottom_edge_step``; the real render darkens downwards: slightly negative);
 - s/img: seconds of sampling per image (no loading, no decoding).
 
 Two reference rows: the real render (its agreement is the ceiling the classifier allows) and,
@@ -40,21 +45,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine_line  # a sibling script: benchmarks/ is on sys.path
 from PIL import Image
 
 from vqgan_cli.data.landscapes import render_landscape
+from vqgan_cli.data.maps import cell_labels
 from vqgan_cli.data.transforms import image_to_tensor
 from vqgan_cli.evaluate.map_agreement import CellClassifier, fit_cell_classifier, label_agreement
 from vqgan_cli.images import save_png, to_uint8
-from vqgan_cli.metrics import band_score, period_amplitude, seam_ratio
+from vqgan_cli.metrics import band_score, bottom_edge_step, period_amplitude, seam_ratio, speckle_score
 from vqgan_cli.runtime import resolve_device
 from vqgan_cli.sample.decode import decode_grid
 from vqgan_cli.sample.inputs import crop_grid, load_models
 from vqgan_cli.sample.request import SampleRequest
 from vqgan_cli.sample.run import run_sample
 
-COLUMNS = ("agreement", "band", "token", "seam", "s/img")
-HEADERS = ("agreement", "band / real", "token / real", "seam", "s/img")
+COLUMNS = ("agreement", "band", "token", "seam", "speckle", "bottom", "s/img")
+HEADERS = ("agreement", "band / real", "token / real", "seam", "speckles", "bottom strip", "s/img")
 
 
 def _list(text: str, cast):
@@ -76,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--top-k", default="10", help="comma list; 'none' for no top-k")
     ap.add_argument("--temperature", default="1.0", help="comma list")
     ap.add_argument("--segment", default=None, help="comma list, for the 'fast' window only")
-    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (as vqgan sample)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--band", default=None,
@@ -139,7 +146,9 @@ class Measure:
                 "band": ratio(lambda x: band_score(x, self.band)) if self.band else nan,
                 "token": ratio(lambda x: period_amplitude(x, self.f)) if img.shape[0] >= 3 * self.f + 2 else nan,
                 "seam": seam_ratio(img, self.seam_period, self.f)
-                if img.shape[0] > self.seam_period + self.f else nan}
+                if img.shape[0] > self.seam_period + self.f else nan,
+                "speckle": speckle_score(img, cell_labels(labels, self.f), self.f),
+                "bottom": bottom_edge_step(img, self.f)}
 
 
 def _mean(rows: list[dict[str, float]], key: str) -> float:
@@ -156,7 +165,7 @@ def _label(s: dict) -> str:
 def _fmt(key: str, v: float | None) -> str:
     if v is None or math.isnan(v):
         return "-"
-    return f"{v:.4f}" if key == "agreement" else f"{v:.2f}"
+    return f"{v:.4f}" if key in ("agreement", "speckle") else f"{v:.2f}"
 
 
 def _json_safe(x):
@@ -180,6 +189,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(machine_line(), flush=True)
     seeds = _list(args.seeds, int)
     models = load_models(args.prior, args.tokenizer, resolve_device(args.device))
     tok = models.tokenizer

@@ -207,7 +207,8 @@ TOKENIZER_RECIPE = {  # 16 px landscapes, f = 2, 4 steps of batch 4: checkpoints
     "loss": {"perceptual_weight": 0.0, "disc_start": 2, "disc_ndf": 8, "disc_num_layers": 2},
     "data": {"train": "builtin:landscapes", "size": 16, "workers": 0, "val_count": 8, "flip": True},
     "train": {"batch_size": 4, "max_steps": 4, "base_lr": 1e-4, "ckpt_every": 2, "keep_last": 2,
-              "log_every": 1, "image_every": 2, "val_every": 2, "val_batches": 1},
+              "log_every": 1, "image_every": 2, "val_every": 2, "val_batches": 1,
+              "precision": "fp32"},  # the same numbers on every CPU (auto would pick bf16 on some)
 }
 
 PRIOR_RECIPE = {  # spatial conditioning over ``token_shards``, 4 steps of batch 4
@@ -215,7 +216,7 @@ PRIOR_RECIPE = {  # spatial conditioning over ``token_shards``, 4 steps of batch
     "data": {"val_fraction": 0.2, "shuffle_buffer": 8},
     "optim": {"warmup_steps": 2, "schedule": "cosine"},
     "train": {"batch_size": 4, "max_steps": 4, "base_lr": 1e-4, "ckpt_every": 2, "keep_last": 2,
-              "log_every": 1, "val_every": 2, "val_batches": 2, "grad_clip": 1.0},
+              "log_every": 1, "val_every": 2, "val_batches": 2, "grad_clip": 1.0, "precision": "fp32"},
 }
 
 

@@ -138,3 +138,38 @@ def test_seam_ratio_of_real_renders_and_injected_seams():
             ratios.append(seam_ratio(seamed, period, f))
         assert 0.6 < ratios[0] < 1.3  # measured 0.65-1.25 on 16 held-out scenes
         assert ratios == sorted(ratios) and ratios[-1] > 2
+
+
+# ---- speckles and the bottom strip (benchmarks/window_quality.py's columns) -------------------------
+
+
+def _cells(colours: np.ndarray, cell: int) -> np.ndarray:
+    """An image whose cell x cell blocks have the given (h, w, 3) colours."""
+    return np.repeat(np.repeat(colours, cell, axis=0), cell, axis=1).astype(np.uint8)
+
+
+def test_speckle_score_counts_outlying_cells_inside_one_label_regions():
+    from vqgan_cli.metrics import speckle_score
+
+    colours = np.zeros((5, 5, 3))
+    colours[:] = (100, 150, 200)
+    labels = np.zeros((5, 5), np.int64)
+    assert speckle_score(_cells(colours, 4), labels, 4) == 0.0
+    colours[2, 2, 0] += 30  # one dot 30 levels off in red: a speckle (> 24)
+    colours[1, 3, 2] -= 20  # 20 levels off: below the threshold
+    # the 3x3 inner cells all lie in one region; only (2, 2) stands out from its neighbours' median
+    assert speckle_score(_cells(colours, 4), labels, 4) == pytest.approx(1 / 9)
+    labels[:, 4] = 1  # a class edge at the right: inner cells next to it no longer count
+    assert speckle_score(_cells(colours, 4), labels, 4) == pytest.approx(1 / 6)
+    assert speckle_score(_cells(colours, 4), labels, 4, threshold=35.0) == 0.0
+
+
+def test_bottom_edge_step_is_the_last_rows_luminance_over_the_rows_above():
+    from vqgan_cli.metrics import bottom_edge_step
+
+    img = np.full((32, 8, 3), 100, np.uint8)
+    img[24:] = 130  # a light strip of 8 rows
+    assert bottom_edge_step(img, 8) == pytest.approx(30.0)
+    img[24:] = 90
+    assert bottom_edge_step(img, 8) == pytest.approx(-10.0)
+    assert bottom_edge_step(img, 4) == pytest.approx(0.0)  # rows 24-27 and 28-31 are alike

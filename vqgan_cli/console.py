@@ -67,7 +67,7 @@ class TrainProgress:
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
             TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-            console=console, disable=not enabled, transient=False,
+            console=console, disable=not enabled, transient=False, auto_refresh=console.is_terminal,
         )
         self._last_info = ""
         self._task = self._progress.add_task(description, total=total, completed=start,

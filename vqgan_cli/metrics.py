@@ -132,6 +132,48 @@ def seam_ratio(image: np.ndarray | torch.Tensor, period: int, step: int = 1) -> 
     return float(np.median((jumps[seams] + 1e-6) / (around + 1e-6)))
 
 
+def cell_means(image: np.ndarray | torch.Tensor, cell: int) -> np.ndarray:
+    """(H // cell, W // cell, 3) mean colour of each ``cell`` x ``cell`` block (a token's pixels)."""
+    x = as_uint8_image(image).astype(np.float64)
+    h, w = x.shape[0] // cell, x.shape[1] // cell
+    return x[:h * cell, :w * cell].reshape(h, cell, w, cell, 3).mean(axis=(1, 3))
+
+
+def speckle_score(image: np.ndarray | torch.Tensor, labels: np.ndarray, cell: int,
+                  threshold: float = 24.0) -> float:
+    """Share of cells inside uniform regions whose colour stands out from their neighbourhood.
+
+    ``labels`` (H // cell, W // cell) is the map on the cell grid. A cell counts when it and its 8
+    neighbours carry one label (inside a region, away from class edges); it is a speckle when its
+    mean colour differs from the median colour of those 8 neighbours by more than ``threshold``
+    grey levels in some channel: a dot of wrong colour in the sky, say. Flat regions and smooth
+    gradients score ~0; a real render is the reference."""
+    means = cell_means(image, cell)
+    h, w = min(means.shape[0], labels.shape[0]), min(means.shape[1], labels.shape[1])
+    if h < 3 or w < 3:
+        raise ValueError(f"the speckle score needs at least 3x3 cells, got {h}x{w}")
+    lab = labels[:h, :w]
+    offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    inner = (slice(1, h - 1), slice(1, w - 1))
+    centre, centre_lab = means[:h, :w][inner], lab[inner]
+    neigh = np.stack([means[1 + dy:h - 1 + dy, 1 + dx:w - 1 + dx] for dy, dx in offsets])  # (8, h-2, w-2, 3)
+    neigh_lab = np.stack([lab[1 + dy:h - 1 + dy, 1 + dx:w - 1 + dx] for dy, dx in offsets])
+    uniform = (neigh_lab == centre_lab).all(axis=0)
+    if not uniform.any():
+        return 0.0
+    deviation = np.abs(centre - np.median(neigh, axis=0)).max(axis=-1)
+    return float((deviation[uniform] > threshold).mean())
+
+
+def bottom_edge_step(image: np.ndarray | torch.Tensor, rows: int) -> float:
+    """Mean luminance of the last ``rows`` rows minus that of the ``rows`` rows above them: a light
+    strip along the bottom edge is positive; a scene that darkens downwards, slightly negative."""
+    lum = luminance(image)
+    if lum.shape[0] < 2 * rows:
+        raise ValueError(f"an image {lum.shape[0]} px high has no {rows} rows above its last {rows}")
+    return float(lum[-rows:].mean() - lum[-2 * rows:-rows].mean())
+
+
 # --- Distribution metrics of Inception features (FID, KID, IS) -----------------------------------
 # Feature sets are (N, D) float64 arrays; the `evaluate` package extracts them with torch-fidelity's
 # InceptionV3 ("2048": pool features for FID/KID, "logits_unbiased": 1008 logits for IS).

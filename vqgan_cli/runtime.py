@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vqgan_cli.precision import autocast as precision_autocast
+
 
 @dataclass
 class Runtime:
@@ -65,13 +67,9 @@ def shutdown(rt: Runtime) -> None:
 
 
 def autocast(rt: Runtime, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision on either device; fp32 is a no-op context."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    if rt.device.type == "cpu" and dtype == torch.float16:
-        raise ValueError("train.precision=fp16 needs a CUDA device; use bf16 on the CPU")
-    return torch.autocast(device_type=rt.device.type, dtype=dtype)
+    """Mixed precision on either device for a resolved precision (fp32, bf16, fp16; see
+    :mod:`vqgan_cli.precision`); fp32 is a no-op context."""
+    return precision_autocast(rt.device, precision)
 
 
 def seed_everything(seed: int) -> None:

@@ -202,6 +202,23 @@ def test_fast_window_and_defaults_reach_the_sidecar(ckpts, tmp_path) -> None:
     assert png_pixels(tmp_path / "e" / "0000_seed0.png") != png_pixels(tmp_path / "f" / "0000_seed0.png")
 
 
+@pytest.mark.parametrize(("native", "expected"), [(False, "fp32"), (True, "bf16")])
+def test_precision_auto_follows_the_cpu_and_reaches_the_sidecar(ckpts, tmp_path, monkeypatch, native, expected):
+    """The CPU's bf16 support faked both ways: auto's choice is printed, recorded beside the asked
+    value, and equals asking for that precision explicitly (same pixels)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    common = ("--prior", str(ckpts["sos"]), "--size", "16x12", "--n", "1", "--window", "fast")
+    code, out = sample(*common, "--out", str(tmp_path / "auto"))
+    assert code == 0, out
+    assert f"precision: {expected} (auto: " in " ".join(out.split())
+    settings = json.loads((tmp_path / "auto" / "0000_seed0.json").read_text())["settings"]
+    assert (settings["precision"], settings["precision_used"]) == ("auto", expected)
+    code, out = sample(*common, "--precision", expected, "--out", str(tmp_path / "explicit"))
+    assert code == 0, out
+    assert png_pixels(tmp_path / "auto" / "0000_seed0.png") == png_pixels(tmp_path / "explicit" / "0000_seed0.png")
+
+
 def test_non_raster_prior_samples_only_its_crop(tmp_path) -> None:
     tok = tokenizer(**TOK)
     saved_tokenizer(tmp_path / "tok.safetensors", tok)

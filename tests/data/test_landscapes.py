@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -77,15 +75,6 @@ def test_texture_is_mild_within_classes(scenes):
         same = lab[:, 1:] == lab[:, :-1]
         diffs.append(np.abs(im[:, 1:] - im[:, :-1]).mean(-1)[same].mean())
     assert np.mean(diffs) < 4.0, diffs
-
-
-def test_render_speed():
-    for hw, budget in (((64, 64), 0.02), ((256, 256), 0.2)):  # targets 5 ms / 60 ms; loose for CI
-        render_landscape(0, *hw)
-        t0 = time.perf_counter()
-        for s in range(5):
-            render_landscape(s, *hw)
-        assert (time.perf_counter() - t0) / 5 < budget
 
 
 @pytest.mark.parametrize("seed", [0, 5, 13, 21])

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from vqgan_cli.cli.guard import run_guarded, stop
-from vqgan_cli.cli.options import Device
+from vqgan_cli.cli.options import Device, Precision
 from vqgan_cli.console import console
 
 app = typer.Typer(no_args_is_help=True, help="Measure tokenizers (rFID, PSNR, SSIM, LPIPS, usage), "
@@ -64,7 +64,7 @@ def tokenizer_cmd(
                                             "none")] = "torchvision",
     fid: Annotated[bool, typer.Option(help="compute rFID (needs the Inception weights)")] = True,
     inception_weights: InceptionOpt = None,
-    precision: Annotated[str, typer.Option(help="auto (bf16 tokenizer on CUDA, metrics fp32) | fp32 | bf16")] = "auto",
+    precision: Precision = "auto",
     device: Device = "auto",
     out: Out = Path("eval/tokenizer"),
 ) -> None:

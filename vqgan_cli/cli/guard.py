@@ -94,6 +94,7 @@ def run_guarded(fn: Callable[[], T], setting: str = "--out") -> T:
     from vqgan_cli.encode import EncodeUsageError
     from vqgan_cli.evaluate.inception import EvaluationError
     from vqgan_cli.models.lpips import PerceptualWeightsMissing
+    from vqgan_cli.precision import PrecisionError
     from vqgan_cli.sample.inputs import SampleUsageError
     from vqgan_cli.sample.tokens import SamplingError
     from vqgan_cli.shards.format import ShardError
@@ -110,7 +111,8 @@ def run_guarded(fn: Callable[[], T], setting: str = "--out") -> T:
     try:
         return fn()
     except (ConfigError, PerceptualWeightsMissing, CheckpointError, FileNotFoundError, EncodeUsageError,
-            SampleUsageError, SamplingError, EvaluationError, ImportError) as e:  # ImportError: an extra
+            SampleUsageError, SamplingError, EvaluationError, PrecisionError,
+            ImportError) as e:  # ImportError: an extra
         raise stop(e, str(e), 2) from None
     except (DataError, TrainingError, ShardError) as e:
         raise stop(e, _without_worker_traceback(e) + kept(), 1) from None

@@ -29,7 +29,10 @@ Segment = Annotated[int | None, typer.Option(
 WindowMemory = Annotated[float | None, typer.Option(help=(
     f"MiB for window batches and fast's caches (default {DEFAULT_MEMORY_MIB:g}); an error before "
     "sampling says when it is too small"))]
-Precision = Annotated[str, typer.Option(help="fp32 (reproducible) | bf16 (faster windows on CPUs with bf16)")]
+Precision = Annotated[str, typer.Option(help=(
+    "auto (bf16 where the CPU or GPU computes it natively: avx512_bf16/AMX CPUs, recent GPUs; else fp32) "
+    "| fp32 | bf16 (emulated and several times slower on CPUs without avx512_bf16); outputs differ "
+    "between precisions"))]
 Decode = Annotated[str, typer.Option(help="auto | whole | tiles")]
 
 

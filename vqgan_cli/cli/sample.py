@@ -67,7 +67,7 @@ def sample_cmd(
     window_memory: WindowMemory = None,
     cache: Annotated[bool, typer.Option(
         help="key/value cache at the crop size (--no-cache: full forward per token)")] = True,
-    precision: Precision = "fp32",
+    precision: Precision = "auto",
     decode: Decode = "auto",
     out: Annotated[Path, typer.Option(help="folder for the PNGs and their JSON sidecars")] = Path("samples"),
     grid: Annotated[bool, typer.Option(help="also save all images side by side")] = False,
@@ -102,7 +102,7 @@ def upscale_cmd(
     window: Window = DEFAULT_WINDOW,
     segment: Segment = None,
     window_memory: WindowMemory = None,
-    precision: Annotated[str, typer.Option(help="fp32 | bf16")] = "fp32",
+    precision: Precision = "auto",
     decode: Decode = "auto",
     device: Device = "auto",
 ) -> None:

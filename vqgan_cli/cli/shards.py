@@ -9,7 +9,7 @@ import typer
 
 from vqgan_cli.cli.app import app
 from vqgan_cli.cli.guard import fail, invocation, run_guarded, say_found
-from vqgan_cli.cli.options import Device, fields_of
+from vqgan_cli.cli.options import Device, Precision, fields_of
 from vqgan_cli.console import console, summary_table
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ def encode_dataset_cmd(
         help="class labels: 'folders' (parent folder names) or a CSV with id and label columns")] = None,
     missing: Annotated[str, typer.Option(help="an image without map or label: stop | skip")] = "stop",
     device: Device = "auto",
+    precision: Precision = "auto",
     threads: Annotated[int | None, typer.Option(
         help="torch threads of the encoder on the CPU (a busy machine: 1 avoids OpenMP stalls)")] = None,
     overwrite: Annotated[bool, typer.Option(help="delete the folder's shards and start over")] = False,

@@ -37,6 +37,7 @@ from vqgan_cli.encode.loader import EncodeItems, collate_groups, shard_batches
 from vqgan_cli.encode.models import Cond, cond_tokens_of, load_for_encoding, setup_cond, tokens_of
 from vqgan_cli.encode.store import OutputFolder, open_output
 from vqgan_cli.models.vqgan import VQGAN
+from vqgan_cli.precision import announce_precision, autocast
 from vqgan_cli.runtime import resolve_device
 from vqgan_cli.shards.format import MANIFEST_FORMAT, MANIFEST_VERSION, TokenSample, token_dtype
 
@@ -65,6 +66,7 @@ class EncodeOptions:
     labels: str | None = None  # folders | path to a CSV
     missing: str = "stop"  # an image without cond map / class label: stop, or skip the image
     device: str = "auto"
+    precision: str = "auto"  # of the encoder: auto | fp32 | bf16 (see vqgan_cli.precision)
     threads: int | None = None  # torch intra-op threads of the encoder (CPU)
     overwrite: bool = False
     command: str | None = None  # recorded in the manifest; default: the equivalent CLI command
@@ -167,6 +169,7 @@ def encode_dataset(opts: EncodeOptions, progress: bool = True) -> EncodeResult:
         device = resolve_device(opts.device)
     except RuntimeError as e:
         raise EncodeUsageError(str(e)) from None
+    precision = announce_precision(opts.precision, device, key="--precision")
     tok, tok_info = load_for_encoding(opts.tokenizer, opts.config)
     ae = tok.config.autoencoder
     if tok.config.modality != "image" or ae.in_channels != 3:
@@ -183,6 +186,7 @@ def encode_dataset(opts: EncodeOptions, progress: bool = True) -> EncodeResult:
         pair_maps(items, opts.cond_data, opts.missing)
     labels = _label_table(items, opts)
     manifest = _manifest(opts, items, tok_info, cond, cond_desc, labels, size, device)
+    manifest["run"].update(precision.record())
     folder, notes = open_output(Path(opts.out), manifest, opts.overwrite)
     for n in notes:
         console.print(f"[yellow]{n}[/]")
@@ -200,7 +204,7 @@ def encode_dataset(opts: EncodeOptions, progress: bool = True) -> EncodeResult:
     encoded, rate = 0, 0.0
     if todo:
         encoded, rate = _encode_shards(folder, items, todo, prep, tok, cond, opts, device, progress,
-                                       done_items)
+                                       done_items, precision.name)
     folder.manifest["complete"] = True
     folder.save()
     m = folder.manifest
@@ -211,8 +215,9 @@ def encode_dataset(opts: EncodeOptions, progress: bool = True) -> EncodeResult:
 
 def _encode_shards(folder: OutputFolder, items: list[InputItem], todo: list[int], prep: Prepare,
                    tok: VQGAN, cond: Cond | None, opts: EncodeOptions, device: torch.device,
-                   progress: bool, done_items: int) -> tuple[int, float]:
-    """The encode loop over the shards still to do; returns (inputs processed, inputs/s)."""
+                   progress: bool, done_items: int, precision: str) -> tuple[int, float]:
+    """The encode loop over the shards still to do; returns (inputs processed, inputs/s). The
+    encoders run under ``precision``'s autocast; the quantizer's distances stay in float32."""
     batches = shard_batches(todo, len(items), opts.shard_size, opts.batch_size)
     loader = DataLoader(EncodeItems(items, prep), batch_sampler=batches, num_workers=opts.workers,
                         collate_fn=collate_groups, pin_memory=device.type == "cuda")
@@ -233,10 +238,11 @@ def _encode_shards(folder: OutputFolder, items: list[InputItem], todo: list[int]
                 for g in batch["groups"]:
                     n = len(g["pos"])
                     x = to_model_range(g["image"].to(device, non_blocking=True))
-                    idx = tokens_of(tok, x, flip, first).numpy()
-                    cidx = None
-                    if cond is not None:
-                        cidx = cond_tokens_of(cond, g["map"], device, flip, tok.factor, first).numpy()
+                    with autocast(device, precision):
+                        idx = tokens_of(tok, x, flip, first).numpy()
+                        cidx = None
+                        if cond is not None:
+                            cidx = cond_tokens_of(cond, g["map"], device, flip, tok.factor, first).numpy()
                     for j, p in enumerate(g["pos"]):
                         results[p] = TokenSample(
                             meta[p]["key"], idx[j].astype(dt_img),

@@ -23,14 +23,11 @@ def write_report(out: Path, payload: dict[str, Any], rows: list[dict[str, Any]] 
 
 
 def evaluation_precision(precision: str, device: Any) -> str:
-    """``auto``: bf16 for the tokenizer on CUDA GPUs that have it, else fp32."""
-    import torch
+    """The tokenizer's precision under evaluation (metrics are fp32 either way): ``auto`` is bf16
+    where the device computes it natively (:mod:`vqgan_cli.precision`), else fp32; printed."""
+    from vqgan_cli.precision import announce_precision
 
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"`precision` must be auto, fp32 or bf16, got {precision!r}")
-    return precision
+    return announce_precision(precision, device, training=False, key="--precision").name
 
 
 def parse_crop(text: str | None) -> tuple[int, int] | None:

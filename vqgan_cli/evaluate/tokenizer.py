@@ -25,6 +25,7 @@ from vqgan_cli.metrics import (
     psnr,
     ssim,
 )
+from vqgan_cli.precision import autocast
 
 DEFINITIONS = {
     "l1": "mean |x - x_hat| over pixels and channels, model space [-1, 1] (decoder output unclamped)",
@@ -137,7 +138,7 @@ def evaluate_tokenizer(model, source: str, size: int = 256, limit: int | None = 
     """Reconstruct every image of ``source`` through ``model`` and measure it.
 
     ``inception``: an :class:`~vqgan_cli.evaluate.inception.Inception` for rFID (None: skipped).
-    ``precision``: ``bf16`` runs the tokenizer under bf16 autocast (CUDA); metrics are fp32.
+    ``precision`` (resolved: fp32 or bf16): the tokenizer's autocast; metrics are fp32.
     """
     from vqgan_cli.data.dataset import collate, model_input
 
@@ -153,8 +154,7 @@ def evaluate_tokenizer(model, source: str, size: int = 256, limit: int | None = 
     skipped: list[str] = []
     feats_x: list[np.ndarray] = []
     feats_y: list[np.ndarray] = []
-    amp = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16"
-           else contextlib.nullcontext())
+    amp = autocast(dev, precision)
     it: Iterable = loader
     if progress:
         from rich.progress import track

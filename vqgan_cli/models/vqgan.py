@@ -51,6 +51,7 @@ class VQGAN(nn.Module):
         # The quantizer sees quant_conv's output, hence embed_dim (equal to z_channels in every
         # release; see quantizers.py for the Gumbel reference's naming).
         self.quantize = build_quantizer(qc, qc.embed_dim)
+        self._compiled: tuple | None = None  # (latent, decode) under torch.compile: compile_parts()
 
     @property
     def factor(self) -> int:
@@ -71,9 +72,19 @@ class VQGAN(nn.Module):
         """Tell the quantizer the global step (Gumbel temperature annealing)."""
         self.quantize.set_step(step)
 
+    def _latent(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(x))  # (B, embed_dim, h, w), before quantization
+
     def quantize_latent(self, x: torch.Tensor) -> Quantized:
         """x (B, C, H, W) -> the quantizer's full output, loss included."""
-        return self.quantize(self.quant_conv(self.encoder(x)))
+        return self.quantize(self._latent(x))
+
+    def compile_parts(self) -> None:
+        """``torch.compile`` the convolutional halves of the training forward, not the quantizer:
+        its codebook bookkeeping (usage counts, dead-code restarts) would break the graph. Only
+        :meth:`forward` in training mode uses them; evaluation at other sizes stays eager, so
+        validation at new shapes never recompiles. State-dict keys are unchanged."""
+        self._compiled = (torch.compile(self._latent, dynamic=False), torch.compile(self.decode, dynamic=False))
 
     def encode(self, x: torch.Tensor) -> Encoded:
         """x (B, C, H, W) in [-1, 1] (one-hot for segmentation) -> z_q and tokens."""
@@ -89,5 +100,6 @@ class VQGAN(nn.Module):
         return self.decode(self.quantize.codes(indices))
 
     def forward(self, x: torch.Tensor) -> VQGANOutput:
-        q = self.quantize_latent(x)
-        return VQGANOutput(self.decode(q.z_q), q.loss, q.indices, q.perplexity)
+        latent, decode = self._compiled if self._compiled and self.training else (self._latent, self.decode)
+        q = self.quantize(latent(x))
+        return VQGANOutput(decode(q.z_q), q.loss, q.indices, q.perplexity)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from vqgan_cli.sample.choices import DEFAULT_WINDOW, WINDOW_MODES
 from vqgan_cli.sample.inputs import SampleUsageError
 from vqgan_cli.sample.tokens import SamplingError, SamplingOptions
-from vqgan_cli.sample.window_forward import PRECISIONS
+from vqgan_cli.sample.window_forward import SAMPLING_PRECISIONS
 
 DECODE_MODES = ("auto", "whole", "tiles")
 
@@ -33,7 +33,7 @@ class DrawSettings:
     window: str = DEFAULT_WINDOW
     segment: int | None = None  # fast's tile width; None: the widest that keeps the context
     window_memory: float | None = None
-    precision: str = "fp32"
+    precision: str = "auto"  # auto | fp32 | bf16: see vqgan_cli.precision
     decode: str = "auto"
     device: str = "auto"
     command: str | None = None  # the command line, recorded in the sidecars
@@ -45,8 +45,8 @@ class DrawSettings:
             problems.append(f"`n` must be >= 1, got {self.n}")
         if self.window not in WINDOW_MODES:
             problems.append(f"`window` must be one of {', '.join(WINDOW_MODES)}, got {self.window!r}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"`precision` must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in SAMPLING_PRECISIONS:
+            problems.append(f"`precision` must be one of {', '.join(SAMPLING_PRECISIONS)}, got {self.precision!r}")
         if self.decode not in DECODE_MODES:
             problems.append(f"`decode` must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
         problems += self._own_problems()

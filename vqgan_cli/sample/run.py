@@ -23,6 +23,7 @@ from vqgan_cli.checkpoints.format import atomic_write
 from vqgan_cli.data.transforms import image_to_tensor
 from vqgan_cli.faults import ledger, stop_on_sigterm
 from vqgan_cli.images import save_grid, save_png
+from vqgan_cli.precision import Precision, announce_precision
 from vqgan_cli.sample.choices import DEFAULT_WINDOW
 from vqgan_cli.sample.decode import decode_grid
 from vqgan_cli.sample.inputs import Models, SampleUsageError, checkpoint_hashes, load_models
@@ -138,16 +139,26 @@ def _finished(out: Path, name: str, settings: dict[str, Any], hashes: dict) -> b
     return True
 
 
-def prepare(req: SampleRequest | UpscaleRequest,
-            models: Models | None = None) -> tuple[Models, SamplingOptions, Plan, list[str]]:
-    """Everything before the first token: the request's own checks, the models, the sampling
-    options and the plan, each checked against the others; ``notes`` tell the user what was
-    decided for them."""
+class Prepared(NamedTuple):
+    """What sampling needs, every part checked against the others."""
+
+    models: Models
+    opts: SamplingOptions
+    plan: Plan
+    notes: list[str]  # what was decided for the user
+    precision: Precision  # what ``req.precision`` resolved to on the models' device
+
+
+def prepare(req: SampleRequest | UpscaleRequest, models: Models | None = None) -> Prepared:
+    """Everything before the first token: the request's own checks, the models, the precision,
+    the sampling options and the plan, each checked against the others."""
     from vqgan_cli.runtime import resolve_device
 
     req.check()
     notes: list[str] = []
     models = models or load_models(req.prior, req.tokenizer, resolve_device(req.device), req.config, notes)
+    precision = announce_precision(req.precision, models.prior.gpt.head.weight.device, training=False,
+                                   key="--precision")
     opts = sampling_options(req, models)
     if isinstance(req, SampleRequest):
         plan, batch = plan_sample(req, models, notes), req.batch_size
@@ -155,20 +166,21 @@ def prepare(req: SampleRequest | UpscaleRequest,
         plan, batch = plan_upscale(req, models, notes), 1
     check_window_options(models, plan, min(batch, len(plan.seeds)), opts.guided, req.window,
                          req.segment, req.window_memory)
-    return models, opts, plan, notes
+    return Prepared(models, opts, plan, notes, precision)
 
 
 def run_sample(req: SampleRequest, models: Models | None = None,
                on_step: StepHook | None = None) -> SampleReport:
     """The whole ``vqgan sample``: check, sample in batches, decode, write images and sidecars.
     ``on_step``: progress hook passed to every batch (the demo's partial images and Stop)."""
-    models, opts, plan, notes = prepare(req, models)
+    models, opts, plan, notes, precision = prepare(req, models)
     hashes = checkpoint_hashes(models)
     out = Path(req.out)
     out.mkdir(parents=True, exist_ok=True)
     f = models.tokenizer.factor
     h, w = plan.grid
-    settings = {k: v for k, v in asdict(req).items() if k != "skip_existing"}
+    # the precision used, not only the one asked for: auto's images differ between CPUs
+    settings = {**{k: v for k, v in asdict(req).items() if k != "skip_existing"}, "precision_used": precision.name}
     names = [f"{i:04d}{'' if c is None else f'_class{c}'}_seed{s}" for i, (s, c) in
              enumerate(zip(plan.seeds, plan.classes, strict=True))]
     done = {i for i, name in enumerate(names) if req.skip_existing and _finished(out, name, settings, hashes)}
@@ -186,7 +198,7 @@ def run_sample(req: SampleRequest, models: Models | None = None,
         for start in range(0, len(todo), req.batch_size):
             idx = todo[start:start + req.batch_size]
             t0 = time.perf_counter()
-            tokens = sample_batch(models, plan, opts, idx, req.window, req.cache, req.precision,
+            tokens = sample_batch(models, plan, opts, idx, req.window, req.cache, precision.name,
                                   req.segment, req.window_memory, on_step)
             seconds += time.perf_counter() - t0
             for k, i in enumerate(idx):
@@ -219,7 +231,7 @@ def run_upscale(req: UpscaleRequest, models: Models | None = None,
                 on_step: StepHook | None = None) -> SampleReport:
     """The whole ``vqgan upscale``: one image in, ``n`` stochastic super-resolutions out.
     ``on_step``: progress hook (as for :func:`run_sample`)."""
-    models, opts, plan, notes = prepare(req, models)
+    models, opts, plan, notes, precision = prepare(req, models)
     hashes = checkpoint_hashes(models)
     out = Path(req.out)
     f = models.tokenizer.factor
@@ -227,7 +239,7 @@ def run_upscale(req: UpscaleRequest, models: Models | None = None,
     files, seconds = [], 0.0
     for i in range(req.n):
         t0 = time.perf_counter()
-        tokens = sample_batch(models, plan, opts, [i], req.window, True, req.precision, req.segment,
+        tokens = sample_batch(models, plan, opts, [i], req.window, True, precision.name, req.segment,
                               req.window_memory, on_step)
         seconds += time.perf_counter() - t0
         pixels = decode_grid(models.tokenizer, tokens, mode=req.decode).image[0].cpu()
@@ -236,7 +248,7 @@ def run_upscale(req: UpscaleRequest, models: Models | None = None,
         save_png(path, pixels)
         _sidecar(path.with_suffix(".json"), {
             "image": path.name, "index": i, "seed": plan.seeds[i], "size": [w * f, h * f],
-            "grid": [h, w], "crop": list(plan.crop), "settings": asdict(req),
+            "grid": [h, w], "crop": list(plan.crop), "settings": {**asdict(req), "precision_used": precision.name},
             "checkpoints": hashes, "notes": notes})
         files.append(path)
     return SampleReport(files, None, (w * f, h * f), req.n * h * w, seconds, notes)

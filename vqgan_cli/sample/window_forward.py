@@ -15,7 +15,7 @@ from vqgan_cli.models.gpt import GPT, KVCache, LayerKV
 from vqgan_cli.models.kv_cache import attend, cache_dtype, fused_qkv
 from vqgan_cli.sample.tokens import SamplingError
 
-PRECISIONS = ("fp32", "bf16")
+SAMPLING_PRECISIONS = ("auto", "fp32", "bf16")  # what a request may ask for; auto resolves to one of the others
 
 
 @contextmanager
@@ -25,8 +25,8 @@ def precision_context(model: torch.nn.Module, precision: str) -> Iterator[None]:
     re-casts each weight at every call (its cast cache only serves tensors that record
     gradients); casting once gives the same numbers without that cost. bf16 is 2-3x faster on
     CPUs with avx512_bf16; its tokens differ from float32's."""
-    if precision not in PRECISIONS:
-        raise SamplingError(f"`precision` must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in SAMPLING_PRECISIONS[1:]:
+        raise SamplingError(f"`precision` must be one of fp32, bf16 here (auto is resolved before), got {precision!r}")
     if precision == "fp32":
         yield
         return

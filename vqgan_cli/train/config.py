@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from vqgan_cli.config import spec
+from vqgan_cli.precision import PRECISIONS
 
 
 @dataclass
@@ -18,8 +21,9 @@ class TrainConfig:
     base_lr: float = spec(4.5e-6, gt=0.0,
                           help="lr = base_lr x batch_size x accumulate x world_size (the reference's rule)")
     device: str = spec("auto", help="auto | cpu | cuda | cuda:N")
-    precision: str = spec("fp32", choices=("fp32", "bf16", "fp16"),
-                          help="autocast dtype; bf16 is fast on CPUs with avx512_bf16 and on GPUs")
+    precision: str = spec("auto", choices=PRECISIONS,
+                          help="auto: bf16 where the hardware computes it natively (CPUs with avx512_bf16 or "
+                               "AMX, GPUs that have it), fp16 on older GPUs, else fp32 | fp32 | bf16 | fp16")
     channels_last: bool = spec(False, help="NHWC memory format (faster convolutions with bf16)")
     compile: bool = spec(False, help="torch.compile the model")
     seed: int = spec(0, ge=0)
@@ -39,4 +43,25 @@ class TrainConfig:
     def check(self) -> list[str]:
         from vqgan_cli.train.loggers import logger_problems
 
-        return logger_problems(self.loggers)
+        problems = logger_problems(self.loggers)
+        if self.precision == "fp16" and not (self.device.startswith("cuda")
+                                             or (self.device == "auto" and torch.cuda.is_available())):
+            problems.append("precision: fp16 needs a CUDA device; use auto (bf16 where the CPU computes it "
+                            "natively, else fp32), fp32 or bf16")
+        return problems
+
+
+def betas_problems(betas: tuple[float, ...]) -> list[str]:
+    """Adam's two betas, each in [0, 1)."""
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        return [f"betas: expected two values in [0, 1), got {list(betas)}"]
+    return []
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning-rate schedule over ``train.max_steps`` (the reference keeps it constant)."""
+
+    warmup_steps: int = spec(0, ge=0, help="linear warm-up from 0 to the full lr")
+    schedule: str = spec("constant", choices=("constant", "cosine"))
+    min_lr_ratio: float = spec(0.1, ge=0.0, le=1.0, help="cosine: final lr as a share of the peak")

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vqgan_cli import runtime as R
 from vqgan_cli.console import TrainProgress, console, summary_table
+from vqgan_cli.precision import Precision, cpu_capability, print_precision
 from vqgan_cli.runtime import Runtime
 from vqgan_cli.train import TrainingError
 from vqgan_cli.train.checkpointing import CheckpointManager, prepare_run_dir
@@ -79,6 +80,7 @@ class Stage(Protocol):
     unit: str  # what the rate counts ("img", "tok")
     items_per_step: int  # units one optimiser step consumes, over all processes
     model: nn.Module  # the bare model: saved, validated, and wrapped by the engine
+    precision: Precision  # what train.precision resolved to on this device
 
     def checkpoint_size(self) -> tuple[int, int]:
         """(bytes of one step checkpoint, bytes of the final weights), estimated before work."""
@@ -163,8 +165,12 @@ def open_run(cfg: TrainConfig, resolved: dict, run_dir: Path, overwrite: bool) -
 
 
 def wrap(model: nn.Module, rt: Runtime, compile: bool) -> nn.Module:
-    """The module a stage trains through: DDP across processes, then ``torch.compile``."""
+    """The module a stage trains through: DDP across processes, then ``torch.compile``. A model with
+    ``compile_parts`` (the VQGAN) compiles the regions without graph breaks itself."""
     wrapped = model
+    if compile and hasattr(model, "compile_parts"):
+        model.compile_parts()
+        compile = False
     if rt.distributed:
         wrapped = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                                           broadcast_buffers=False)
@@ -228,6 +234,7 @@ def run(stage: Stage, cfg: TrainConfig, stream: BatchStream, run_dir: Path, rt: 
     else:
         R.seed_everything(cfg.seed + 1000 * rt.rank)  # per-rank randomness from here on
     stream.position = state.position
+    _announce_precision(stage.precision, rt, log, state.step)
     stage.attach(wrap(stage.model, rt, cfg.compile), log, run_dir)
 
     def save_checkpoint() -> None:
@@ -291,12 +298,22 @@ def run(stage: Stage, cfg: TrainConfig, stream: BatchStream, run_dir: Path, rt: 
 
     final = run_dir / stage.weights_name
     if rt.is_main and stopped is None:
-        stage.save_weights(final, {"step": state.step, "run": str(run_dir), "val": val})
+        stage.save_weights(final, {"step": state.step, "run": str(run_dir), "val": val, **stage.precision.record()})
     seconds = time.perf_counter() - start_time
     if rt.is_main:
         draw_curves(run_dir)
         _report(stage, run_dir, state, start_step, seconds, stopped, final, val)
     return RunResult(run_dir, final, state.step, seconds, val, state.nonfinite, stopped)
+
+
+def _announce_precision(choice: Precision, rt: Runtime, log: RunLog, step: int) -> None:
+    """Say which precision the run computes in and why, and keep it in metrics.jsonl (a ``run``
+    record at the step the run starts or resumes from)."""
+    if not rt.is_main:
+        return
+    print_precision(choice, "train.precision")
+    log.write({"step": step, "split": "run", **choice.record(), "device": str(rt.device),
+               "cpu_capability": cpu_capability(), "threads": torch.get_num_threads()})
 
 
 def _report(stage: Stage, run_dir: Path, state: TrainState, start_step: int, seconds: float,

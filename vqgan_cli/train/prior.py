@@ -26,9 +26,10 @@ from vqgan_cli.console import console
 from vqgan_cli.models.gpt import GPTConfig, GPTSize, param_groups
 from vqgan_cli.models.permuter import PERMUTERS
 from vqgan_cli.models.prior import CondConfig, Prior, PriorConfig, token_nll
+from vqgan_cli.precision import resolve_precision
 from vqgan_cli.runtime import Runtime
 from vqgan_cli.train.checkpointing import checkpoint_size
-from vqgan_cli.train.config import TrainConfig
+from vqgan_cli.train.config import ScheduleConfig, TrainConfig, betas_problems
 from vqgan_cli.train.engine import StepOut, TrainLog, TrainState, accumulate_logs, all_finite, open_run, run
 from vqgan_cli.train.loggers import RunLog
 from vqgan_cli.train.optim import grad_scaler, learning_rate, optimizer_step, scheduled_lr
@@ -65,19 +66,14 @@ class PriorModelConfig(GPTSize):
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(ScheduleConfig):
     """AdamW as the reference trains its transformers, plus a schedule (the reference has none)."""
 
     weight_decay: float = spec(0.01, ge=0.0, help="on Linear weights only")
     betas: tuple[float, ...] = spec(default_factory=lambda: (0.9, 0.95))
-    warmup_steps: int = spec(0, ge=0, help="linear warm-up from 0 to the full lr")
-    schedule: str = spec("constant", choices=("constant", "cosine"))
-    min_lr_ratio: float = spec(0.1, ge=0.0, le=1.0, help="cosine: final lr as a share of the peak")
 
     def check(self) -> list[str]:
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            return [f"betas: expected two values in [0, 1), got {list(self.betas)}"]
-        return []
+        return betas_problems(self.betas)
 
 
 @dataclass
@@ -170,8 +166,9 @@ class PriorStage:
         # fused: one kernel for all parameters instead of ~10 per tensor (same maths)
         self.opt = torch.optim.AdamW(param_groups(prior.gpt, ocfg.weight_decay), lr=self.peak,
                                      betas=tuple(ocfg.betas), fused=rt.device.type in ("cpu", "cuda"))
-        self.amp = R.autocast(rt, cfg.precision)
-        self.scaler = grad_scaler(cfg.precision)
+        self.precision = resolve_precision(cfg.precision, rt.device, key="train.precision")
+        self.amp = R.autocast(rt, self.precision.name)
+        self.scaler = grad_scaler(self.precision.name)
         self.items_per_step = cfg.batch_size * cfg.accumulate * rt.world_size * prior.config.gpt.block_size
         self.forward: nn.Module = prior
         self.log: RunLog | None = None
@@ -203,7 +200,7 @@ class PriorStage:
         console.print(f"[bold]{run_dir}[/]: {self.model.gpt.num_params():,} GPT parameters, "
                       f"vocab {pcfg.gpt.vocab_size}, window {pcfg.grid[0]}x{pcfg.grid[1]} "
                       f"({pcfg.gpt.block_size} tokens), cond {pcfg.cond.kind}, {data.manifest.num_samples} "
-                      f"samples; lr {self.peak:.3g}, device {self.rt.device}, {self.cfg.precision}")
+                      f"samples; lr {self.peak:.3g}, device {self.rt.device}, {self.precision.name}")
         if not self.val_inputs:
             console.print("[yellow]no validation samples: raise data.val_fraction or give data.val[/]")
 

@@ -31,14 +31,26 @@ from vqgan_cli.evaluate.tokenizer import validate
 from vqgan_cli.images import displayable, save_grid
 from vqgan_cli.models.config import TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
+from vqgan_cli.precision import resolve_precision
 from vqgan_cli.runtime import Runtime
 from vqgan_cli.train.checkpointing import checkpoint_size
-from vqgan_cli.train.config import TrainConfig
+from vqgan_cli.train.config import ScheduleConfig, TrainConfig, betas_problems
 from vqgan_cli.train.engine import StepOut, TrainLog, TrainState, accumulate_logs, all_finite, open_run, run
 from vqgan_cli.train.loggers import RunLog
 from vqgan_cli.train.losses import LossConfig, TokenizerLoss
-from vqgan_cli.train.optim import grad_scaler, learning_rate, optimizer_step
+from vqgan_cli.train.optim import grad_scaler, learning_rate, optimizer_step, scheduled_lr
 from vqgan_cli.train.stream import BatchStream
+
+
+@dataclass
+class TokenizerOptim(ScheduleConfig):
+    """Adam for the autoencoder and the discriminator: the reference's betas, plus a schedule."""
+
+    betas: tuple[float, ...] = spec(default_factory=lambda: (0.5, 0.9),
+                                    help="Adam betas of both optimisers (the reference: 0.5, 0.9)")
+
+    def check(self) -> list[str]:
+        return betas_problems(self.betas)
 
 
 @dataclass
@@ -49,6 +61,7 @@ class TokenizerRecipe:
     model: TokenizerConfig = field(default_factory=TokenizerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    optim: TokenizerOptim = field(default_factory=TokenizerOptim)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def check(self) -> list[str]:
@@ -114,14 +127,17 @@ class TokenizerStage:
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.loss_fn.to(memory_format=torch.channels_last)
-        self.lr = learning_rate(cfg.base_lr, cfg.batch_size, cfg.accumulate, rt.world_size)
+        self.peak = self.lr = learning_rate(cfg.base_lr, cfg.batch_size, cfg.accumulate, rt.world_size)
+        self.schedule = recipe.optim
+        betas = tuple(recipe.optim.betas)
         self.opt_ae = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=self.lr,
-                                       betas=(0.5, 0.9))
+                                       betas=betas)
         self.disc = self.loss_fn.discriminator  # None for tokenizers trained without the adversarial term
-        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=self.lr, betas=(0.5, 0.9)) \
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=self.lr, betas=betas) \
             if self.disc is not None else None
-        self.amp = R.autocast(rt, cfg.precision)
-        self.scaler = grad_scaler(cfg.precision)
+        self.precision = resolve_precision(cfg.precision, rt.device, key="train.precision")
+        self.amp = R.autocast(rt, self.precision.name)
+        self.scaler = grad_scaler(self.precision.name)
         self.items_per_step = cfg.batch_size * cfg.accumulate * rt.world_size
         self.forward: nn.Module = self.model
         self.log: RunLog | None = None
@@ -151,9 +167,9 @@ class TokenizerStage:
         self.large_inputs = _large_val_inputs(self.recipe)
         cfg = self.cfg
         console.print(f"[bold]{run_dir}[/]: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
-                      f"lr {self.lr:.3g} (base {cfg.base_lr:g} x batch {cfg.batch_size} x accumulate "
+                      f"lr {self.peak:.3g} (base {cfg.base_lr:g} x batch {cfg.batch_size} x accumulate "
                       f"{cfg.accumulate} x {self.rt.world_size} process(es)), device {self.rt.device}, "
-                      f"{cfg.precision}")
+                      f"{self.precision.name}")
         if self.recipe.loss.lpips_backbone == "random" and self.recipe.loss.perceptual_weight > 0:
             console.print("[yellow]loss.lpips_backbone=random: perceptual numbers mean nothing "
                           "(a random VGG); use it for tests only[/]")
@@ -165,6 +181,12 @@ class TokenizerStage:
         self.model.set_step(step)
         self._disc_factor = self.loss_fn.disc_factor_at(step)
         self._use_disc = self.loss_fn.uses_discriminator and self._disc_factor > 0
+        sched = self.schedule
+        self.lr = scheduled_lr(step, self.peak, sched.warmup_steps, self.cfg.max_steps, sched.schedule,
+                               sched.min_lr_ratio)
+        for opt in (self.opt_ae, self.opt_d):
+            for group in opt.param_groups if opt is not None else ():
+                group["lr"] = self.lr
         self.opt_ae.zero_grad(set_to_none=True)
         if self.opt_d is not None:
             self.opt_d.zero_grad(set_to_none=True)
