@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from vqgan_cli.precision import bf16_is_native, cpu_bf16_features, cpu_capability
+from vqgan_cli.runtime import bf16_is_native, cpu_bf16_features, cpu_capability
 
 
 def cpu_name() -> str:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from factory import tokenizer_recipe as tiny_recipe
 
-from vqgan_cli import precision as P
+from vqgan_cli import runtime as P
 from vqgan_cli.train.tokenizer import TokenizerStage, train_tokenizer
 
 CPU = torch.device("cpu")

@@ -329,9 +329,10 @@ def test_tar_shard_source_with_inline_maps(toks, tmp_path):
     assert [s.key for s in read_shard(m.shard_paths()[0])] == ["x/a", "x/b"]
 
 
-def test_benchmark_reports_its_settings_and_the_ratio_it_defines(tmp_path):
+def test_benchmark_reports_its_settings_and_the_ratio_it_defines(tmp_path, monkeypatch):
     import importlib.util
 
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))  # its sibling imports
     spec = importlib.util.spec_from_file_location(
         "bench_encode", Path(__file__).resolve().parents[2] / "benchmarks" / "encode.py")
     bench = importlib.util.module_from_spec(spec)

@@ -102,6 +102,8 @@ def _bench():
     name = "window_quality"
     if name not in sys.modules:
         path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))  # the script's sibling imports (benchmarks/machine.py)
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from vqgan_cli.checkpoints.format import load_state, save_state
-from vqgan_cli.runtime import Runtime
+from vqgan_cli.runtime import Runtime, resolve_precision
 from vqgan_cli.train import TrainingError
 from vqgan_cli.train.config import TrainConfig
 from vqgan_cli.train.engine import StepOut, TrainLog, TrainState, run
@@ -29,6 +29,7 @@ class ToyStage:
     """y ~ x w^T; a step may be poisoned (NaN loss) or noisy (global RNG), to test the engine."""
 
     name, weights_name, unit, items_per_step = "train-toy", "toy.safetensors", "it", 2
+    precision = resolve_precision("fp32", torch.device("cpu"))
 
     def __init__(self, poisoned: set[int] = frozenset(), noise: float = 0.0):
         torch.manual_seed(0)
@@ -123,7 +124,8 @@ def test_nonfinite_steps_are_counted_and_never_applied(tmp_path):
     torch.testing.assert_close(stage.model.weight.detach(), w)
     assert result.nonfinite == 2 and result.steps == 6
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["nonfinite_steps"] for r in lines] == [0, 1, 1, 2, 2, 2]
+    assert lines[0]["split"] == "run" and lines[0]["precision"] == "fp32"  # the run's own record first
+    assert [r["nonfinite_steps"] for r in lines[1:]] == [0, 1, 1, 2, 2, 2]
     last = load_state(tmp_path / "run" / "checkpoints" / "step_0000006.state.pt")
     assert (last["nonfinite"], last["nonfinite_in_a_row"], last["step"]) == (2, 0, 6)
     assert (last["epoch"], last["batch"]) == (1, 2)  # 6 batches of 2 from 8 items: 4 per epoch

@@ -94,7 +94,7 @@ def run_guarded(fn: Callable[[], T], setting: str = "--out") -> T:
     from vqgan_cli.encode import EncodeUsageError
     from vqgan_cli.evaluate.inception import EvaluationError
     from vqgan_cli.models.lpips import PerceptualWeightsMissing
-    from vqgan_cli.precision import PrecisionError
+    from vqgan_cli.runtime import PrecisionError
     from vqgan_cli.sample.inputs import SampleUsageError
     from vqgan_cli.sample.tokens import SamplingError
     from vqgan_cli.shards.format import ShardError

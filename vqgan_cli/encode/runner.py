@@ -37,8 +37,8 @@ from vqgan_cli.encode.loader import EncodeItems, collate_groups, shard_batches
 from vqgan_cli.encode.models import Cond, cond_tokens_of, load_for_encoding, setup_cond, tokens_of
 from vqgan_cli.encode.store import OutputFolder, open_output
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.precision import announce_precision, autocast
-from vqgan_cli.runtime import resolve_device
+from vqgan_cli.runtime import announce_precision, resolve_device
+from vqgan_cli.runtime import precision_autocast as autocast
 from vqgan_cli.shards.format import MANIFEST_FORMAT, MANIFEST_VERSION, TokenSample, token_dtype
 
 
@@ -66,7 +66,7 @@ class EncodeOptions:
     labels: str | None = None  # folders | path to a CSV
     missing: str = "stop"  # an image without cond map / class label: stop, or skip the image
     device: str = "auto"
-    precision: str = "auto"  # of the encoder: auto | fp32 | bf16 (see vqgan_cli.precision)
+    precision: str = "auto"  # of the encoder: auto | fp32 | bf16 (see vqgan_cli.runtime)
     threads: int | None = None  # torch intra-op threads of the encoder (CPU)
     overwrite: bool = False
     command: str | None = None  # recorded in the manifest; default: the equivalent CLI command

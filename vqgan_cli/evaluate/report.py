@@ -24,8 +24,8 @@ def write_report(out: Path, payload: dict[str, Any], rows: list[dict[str, Any]] 
 
 def evaluation_precision(precision: str, device: Any) -> str:
     """The tokenizer's precision under evaluation (metrics are fp32 either way): ``auto`` is bf16
-    where the device computes it natively (:mod:`vqgan_cli.precision`), else fp32; printed."""
-    from vqgan_cli.precision import announce_precision
+    where the device computes it natively (:mod:`vqgan_cli.runtime`), else fp32; printed."""
+    from vqgan_cli.runtime import announce_precision
 
     return announce_precision(precision, device, training=False, key="--precision").name
 

@@ -33,7 +33,7 @@ class DrawSettings:
     window: str = DEFAULT_WINDOW
     segment: int | None = None  # fast's tile width; None: the widest that keeps the context
     window_memory: float | None = None
-    precision: str = "auto"  # auto | fp32 | bf16: see vqgan_cli.precision
+    precision: str = "auto"  # auto | fp32 | bf16: see vqgan_cli.runtime
     decode: str = "auto"
     device: str = "auto"
     command: str | None = None  # the command line, recorded in the sidecars

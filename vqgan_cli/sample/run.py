@@ -23,7 +23,7 @@ from vqgan_cli.checkpoints.format import atomic_write
 from vqgan_cli.data.transforms import image_to_tensor
 from vqgan_cli.faults import ledger, stop_on_sigterm
 from vqgan_cli.images import save_grid, save_png
-from vqgan_cli.precision import Precision, announce_precision
+from vqgan_cli.runtime import Precision, announce_precision
 from vqgan_cli.sample.choices import DEFAULT_WINDOW
 from vqgan_cli.sample.decode import decode_grid
 from vqgan_cli.sample.inputs import Models, SampleUsageError, checkpoint_hashes, load_models

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from vqgan_cli.config import spec
-from vqgan_cli.precision import PRECISIONS
+from vqgan_cli.runtime import PRECISIONS
 
 
 @dataclass

@@ -33,8 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vqgan_cli import runtime as R
 from vqgan_cli.console import TrainProgress, console, summary_table
-from vqgan_cli.precision import Precision, cpu_capability, print_precision
-from vqgan_cli.runtime import Runtime
+from vqgan_cli.runtime import Precision, Runtime, cpu_capability, print_precision
 from vqgan_cli.train import TrainingError
 from vqgan_cli.train.checkpointing import CheckpointManager, prepare_run_dir
 from vqgan_cli.train.config import TrainConfig

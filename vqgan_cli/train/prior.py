@@ -26,8 +26,7 @@ from vqgan_cli.console import console
 from vqgan_cli.models.gpt import GPTConfig, GPTSize, param_groups
 from vqgan_cli.models.permuter import PERMUTERS
 from vqgan_cli.models.prior import CondConfig, Prior, PriorConfig, token_nll
-from vqgan_cli.precision import resolve_precision
-from vqgan_cli.runtime import Runtime
+from vqgan_cli.runtime import Runtime, resolve_precision
 from vqgan_cli.train.checkpointing import checkpoint_size
 from vqgan_cli.train.config import ScheduleConfig, TrainConfig, betas_problems
 from vqgan_cli.train.engine import StepOut, TrainLog, TrainState, accumulate_logs, all_finite, open_run, run

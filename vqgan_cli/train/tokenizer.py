@@ -31,8 +31,7 @@ from vqgan_cli.evaluate.tokenizer import validate
 from vqgan_cli.images import displayable, save_grid
 from vqgan_cli.models.config import TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.precision import resolve_precision
-from vqgan_cli.runtime import Runtime
+from vqgan_cli.runtime import Runtime, resolve_precision
 from vqgan_cli.train.checkpointing import checkpoint_size
 from vqgan_cli.train.config import ScheduleConfig, TrainConfig, betas_problems
 from vqgan_cli.train.engine import StepOut, TrainLog, TrainState, accumulate_logs, all_finite, open_run, run
