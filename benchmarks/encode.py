@@ -38,8 +38,7 @@ from vqgan_cli.encode import EncodeOptions, encode_dataset, shard_batches
 from vqgan_cli.encode.inputs import Prepare, list_items, to_model_range
 from vqgan_cli.models.config import TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.runtime import precision_autocast as autocast
-from vqgan_cli.runtime import resolve_precision
+from vqgan_cli.runtime import autocast, resolve_precision
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -65,12 +65,6 @@ def shutdown(rt: Runtime) -> None:
         dist.destroy_process_group()
 
 
-def autocast(rt: Runtime, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision on either device for a resolved precision (fp32, bf16, fp16; see
-    :mod:`vqgan_cli.runtime`); fp32 is a no-op context."""
-    return precision_autocast(rt.device, precision)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -276,7 +270,7 @@ def autocast_dtype(name: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def precision_autocast(device: torch.device, name: str) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, name: str) -> contextlib.AbstractContextManager:
     """Autocast for a resolved precision (fp32, bf16, fp16) on ``device``; fp32: a no-op context."""
     dtype = autocast_dtype(name)
     if dtype is None:

@@ -37,8 +37,7 @@ from vqgan_cli.encode.loader import EncodeItems, collate_groups, shard_batches
 from vqgan_cli.encode.models import Cond, cond_tokens_of, load_for_encoding, setup_cond, tokens_of
 from vqgan_cli.encode.store import OutputFolder, open_output
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.runtime import announce_precision, resolve_device
-from vqgan_cli.runtime import precision_autocast as autocast
+from vqgan_cli.runtime import announce_precision, autocast, resolve_device
 from vqgan_cli.shards.format import MANIFEST_FORMAT, MANIFEST_VERSION, TokenSample, token_dtype
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from vqgan_cli.evaluate.report import evaluation_precision, parse_crop, write_report
+from vqgan_cli.evaluate.report import parse_crop, write_report
+from vqgan_cli.runtime import announce_precision
 
 
 class Evaluated(NamedTuple):
@@ -42,8 +43,8 @@ def tokenizer_job(tokenizer: str, data: str, out: Path, *, size: int = 256, root
             lines = str(e).splitlines()
             warnings.append(f"LPIPS skipped: {lines[0]} {lines[2] if len(lines) > 2 else ''}".rstrip())
     inc = Inception(inception_weights, dev) if fid else None
-    res = evaluate_tokenizer(model, data, size, limit, batch_size, dev, evaluation_precision(precision, dev),
-                             perceptual, inc, progress=True, root=root)
+    amp = announce_precision(precision, dev, training=False, key="--precision").name  # the tokenizer's; metrics fp32
+    res = evaluate_tokenizer(model, data, size, limit, batch_size, dev, amp, perceptual, inc, progress=True, root=root)
     res.settings.update(tokenizer=tokenizer, lpips=lpips if perceptual is not None else None)
     return Evaluated(res, write_report(out, res.to_json(), res.per_image), warnings)
 

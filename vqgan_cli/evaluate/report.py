@@ -22,14 +22,6 @@ def write_report(out: Path, payload: dict[str, Any], rows: list[dict[str, Any]] 
     return written
 
 
-def evaluation_precision(precision: str, device: Any) -> str:
-    """The tokenizer's precision under evaluation (metrics are fp32 either way): ``auto`` is bf16
-    where the device computes it natively (:mod:`vqgan_cli.runtime`), else fp32; printed."""
-    from vqgan_cli.runtime import announce_precision
-
-    return announce_precision(precision, device, training=False, key="--precision").name
-
-
 def parse_crop(text: str | None) -> tuple[int, int] | None:
     """``HxW`` in tokens -> (h, w)."""
     if text is None:

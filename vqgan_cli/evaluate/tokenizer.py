@@ -25,7 +25,7 @@ from vqgan_cli.metrics import (
     psnr,
     ssim,
 )
-from vqgan_cli.runtime import precision_autocast as autocast
+from vqgan_cli.runtime import autocast
 
 DEFINITIONS = {
     "l1": "mean |x - x_hat| over pixels and channels, model space [-1, 1] (decoder output unclamped)",

@@ -166,7 +166,7 @@ class PriorStage:
         self.opt = torch.optim.AdamW(param_groups(prior.gpt, ocfg.weight_decay), lr=self.peak,
                                      betas=tuple(ocfg.betas), fused=rt.device.type in ("cpu", "cuda"))
         self.precision = resolve_precision(cfg.precision, rt.device, key="train.precision")
-        self.amp = R.autocast(rt, self.precision.name)
+        self.amp = R.autocast(rt.device, self.precision.name)
         self.scaler = grad_scaler(self.precision.name)
         self.items_per_step = cfg.batch_size * cfg.accumulate * rt.world_size * prior.config.gpt.block_size
         self.forward: nn.Module = prior

@@ -135,7 +135,7 @@ class TokenizerStage:
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=self.lr, betas=betas) \
             if self.disc is not None else None
         self.precision = resolve_precision(cfg.precision, rt.device, key="train.precision")
-        self.amp = R.autocast(rt, self.precision.name)
+        self.amp = R.autocast(rt.device, self.precision.name)
         self.scaler = grad_scaler(self.precision.name)
         self.items_per_step = cfg.batch_size * cfg.accumulate * rt.world_size
         self.forward: nn.Module = self.model
