@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 # PSNR of identical images is infinite; flooring the MSE keeps batch means finite (cap: 100 dB).
@@ -36,6 +37,25 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM, (B,), Gaussian 11x11 window, in [0, 1] space (images must be >= 11 px)."""
     out = structural_similarity_index_measure(to_unit(x), to_unit(y), data_range=1.0, reduction="none")
     return out.reshape(-1)
+
+
+def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor, modality: str,
+                  perceptual: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Per-image metrics (each (B,), fp32) of inputs ``x`` and decoder outputs ``x_hat``: the one
+    implementation behind training validation and ``vqgan evaluate tokenizer``, so both report alike."""
+    x_hat, xf = x_hat.float(), x.float()
+    vals: dict[str, torch.Tensor] = {}
+    if modality == "segmentation":
+        vals["accuracy"] = (x_hat.argmax(1) == xf.argmax(1)).float().flatten(1).mean(1)
+        vals["bce"] = F.binary_cross_entropy_with_logits(x_hat, xf, reduction="none").flatten(1).mean(1)
+        return vals
+    vals["l1"] = (xf - x_hat).abs().flatten(1).mean(1)
+    vals["psnr"] = psnr(x_hat.clamp(-1, 1), xf)
+    rgb = (lambda t: t.repeat(1, 3, 1, 1)) if xf.shape[1] == 1 else (lambda t: t)
+    vals["ssim"] = ssim(rgb(x_hat.clamp(-1, 1)), rgb(xf))
+    if perceptual is not None and modality == "image":
+        vals["lpips"] = perceptual(xf, x_hat.clamp(-1, 1)).flatten().float()
+    return vals
 
 
 def code_counts(indices: torch.Tensor, n_embed: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from vqgan_cli.checkpoints.load import load_tokenizer
 from vqgan_cli.cli import app
 from vqgan_cli.data.transforms import image_to_tensor
+from vqgan_cli.images import to_uint8
 from vqgan_cli.models.prior import CondConfig
 from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.sample.inputs import load_models
@@ -242,3 +243,71 @@ def test_upscale(ckpts, tmp_path) -> None:
     r = runner.invoke(app, ["upscale", str(ckpts["small"]), "--prior", str(ckpts["sos"]),
                             "--out", str(tmp_path / "x.png")])
     assert r.exit_code == 2 and "not a super-resolution prior" in " ".join(r.output.split())
+
+
+# ---- --save-tokens: each image's token grid beside its PNG ----------------------------------------
+
+
+def decoded_pixels(tok: VQGAN, tokens: np.ndarray) -> np.ndarray:
+    """The oracle: the tokenizer's own decode of a saved grid, as the uint8 picture a PNG holds."""
+    with torch.no_grad():
+        return to_uint8(tok.decode_indices(torch.from_numpy(tokens)[None])[0])
+
+
+def test_save_tokens_beside_each_png_decode_to_its_pixels(ckpts, tmp_path) -> None:
+    tok = load_tokenizer(ckpts["tok"])
+    # f = 2: 16x12 pixels is a 6-row, 8-column grid, sampled through the window
+    code, out = sample("--prior", str(ckpts["sos"]), "--size", "16x12", "--n", "2", "--save-tokens",
+                       "--out", str(tmp_path / "s"))
+    assert code == 0, out
+    for name in ("0000_seed0", "0001_seed1"):
+        side = json.loads((tmp_path / "s" / f"{name}.json").read_text())
+        assert side["tokens"] == f"{name}.tokens.npy" and side["grid"] == [6, 8]
+        tokens = np.load(tmp_path / "s" / side["tokens"])
+        assert tokens.shape == (6, 8) and tokens.dtype == np.int64
+        with Image.open(tmp_path / "s" / f"{name}.png") as im:
+            png = np.asarray(im.convert("RGB")).astype(np.int16)
+        assert np.abs(decoded_pixels(tok, tokens).astype(np.int16) - png).max() <= 1
+    # without the option: no token files, no entry
+    code, out = sample("--prior", str(ckpts["sos"]), "--n", "1", "--out", str(tmp_path / "plain"))
+    assert code == 0, out
+    assert not list((tmp_path / "plain").glob("*.npy"))
+    assert "tokens" not in json.loads((tmp_path / "plain" / "0000_seed0.json").read_text())
+
+
+def test_upscale_saves_tokens_too(ckpts, tmp_path) -> None:
+    r = runner.invoke(app, ["upscale", str(ckpts["small"]), "--prior", str(ckpts["sr"]), "--scale", "2",
+                            "--save-tokens", "--out", str(tmp_path / "up.png")])
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "up.json").read_text())
+    assert side["tokens"] == "up.tokens.npy"
+    tokens = np.load(tmp_path / "up.tokens.npy")
+    assert list(tokens.shape) == side["grid"]
+    with Image.open(tmp_path / "up.png") as im:
+        png = np.asarray(im.convert("RGB")).astype(np.int16)
+    assert np.abs(decoded_pixels(load_tokenizer(ckpts["tok"]), tokens).astype(np.int16) - png).max() <= 1
+
+
+def test_skip_existing_draws_again_the_images_saved_without_tokens(ckpts, tmp_path) -> None:
+    """Tokens cannot be read back from a PNG: an image asked for with --save-tokens but saved
+    without them is drawn again (the same seed: the same picture), the others are kept."""
+    d = tmp_path / "s"
+    common = ("--prior", str(ckpts["sos"]), "--n", "2", "--out", str(d))
+    assert sample(*common)[0] == 0
+    before = {p.name: p.read_bytes() for p in d.glob("*.png")}
+    code, out = sample(*common, "--skip-existing", "--save-tokens")
+    assert code == 0, out
+    assert "already in" not in out  # both drawn again
+    assert {p.name: p.read_bytes() for p in d.glob("*.png")} == before
+    assert sorted(p.name for p in d.glob("*.npy")) == ["0000_seed0.tokens.npy", "0001_seed1.tokens.npy"]
+    (d / "0001_seed1.tokens.npy").unlink()
+    code, out = sample(*common, "--skip-existing", "--save-tokens")
+    assert code == 0, out
+    assert "1 of 2 image(s) were already in" in " ".join(out.split())
+    assert (d / "0001_seed1.tokens.npy").is_file()
+    # asking for no tokens keeps finished images (and their tokens); drawing over them drops stale ones
+    code, out = sample(*common, "--skip-existing")
+    assert code == 0, out
+    assert "2 of 2 image(s) were already in" in " ".join(out.split()) and len(list(d.glob("*.npy"))) == 2
+    assert sample(*common)[0] == 0
+    assert not list(d.glob("*.npy")) and "tokens" not in json.loads((d / "0000_seed0.json").read_text())

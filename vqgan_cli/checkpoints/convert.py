@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 
-from vqgan_cli.checkpoints.format import CheckpointError, save_weights, weights_sha256
+from vqgan_cli.checkpoints.format import CheckpointError, is_safetensors, save_weights, weights_sha256
 from vqgan_cli.checkpoints.load import (
     TRAINING_FORMAT,
-    is_safetensors,
     load_tokenizer,
     save_prior,
     save_tokenizer,

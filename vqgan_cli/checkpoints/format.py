@@ -36,6 +36,20 @@ class Weights(NamedTuple):
     info: dict
 
 
+def is_safetensors(path: str | Path) -> bool:
+    """Whether a file starts like safetensors (u64 header length, then a JSON object).
+
+    Lives here, below both the loaders and the name resolver, which both ask it."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(9)
+        size = p.stat().st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``; the old file survives any failure."""
     path = Path(path)

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from vqgan_cli.checkpoints.format import CheckpointError, read_weights
+from vqgan_cli.checkpoints.format import CheckpointError, is_safetensors, read_weights
 from vqgan_cli.models.prior import Prior
 from vqgan_cli.models.vqgan import VQGAN
 
@@ -67,7 +67,7 @@ def conditioning_summary(prior: Prior) -> dict[str, Any]:
 
 def describe(path: str | Path, config: str | Path | None = None) -> dict[str, Any]:
     """A JSON-able description of a checkpoint file or run folder."""
-    from vqgan_cli.checkpoints.load import PRIOR_FORMAT, is_safetensors, load_prior, load_tokenizer
+    from vqgan_cli.checkpoints.load import PRIOR_FORMAT, load_prior, load_tokenizer
     from vqgan_cli.checkpoints.official.prior import is_transformer_state
     from vqgan_cli.checkpoints.official.unpickler import load_official_checkpoint
     from vqgan_cli.checkpoints.resolve import resolve_model

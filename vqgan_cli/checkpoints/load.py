@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vqgan_cli.checkpoints.format import CheckpointError, read_weights, save_weights
+from vqgan_cli.checkpoints.format import CheckpointError, is_safetensors, read_weights, save_weights
 from vqgan_cli.checkpoints.official.common import read_model_yaml, split_prefix, strict_load
 from vqgan_cli.checkpoints.official.prior import build_prior, is_transformer_state
 from vqgan_cli.checkpoints.official.tokenizer import build_tokenizer
@@ -30,18 +30,6 @@ from vqgan_cli.models.vqgan import VQGAN
 TOKENIZER_FORMAT = "vqgan-tokenizer"
 PRIOR_FORMAT = "vqgan-prior"
 TRAINING_FORMAT = "vqgan-training-state"
-
-
-def is_safetensors(path: str | Path) -> bool:
-    """Whether a file starts like safetensors (u64 header length, then a JSON object)."""
-    p = Path(path)
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(9)
-        size = p.stat().st_size
-    except OSError:
-        return False
-    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
 
 
 def _ours(path: Path, fmt: str, config: Any) -> tuple[dict[str, torch.Tensor], dict, dict]:

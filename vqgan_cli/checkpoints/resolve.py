@@ -20,10 +20,8 @@ from typing import NamedTuple
 
 import yaml
 
-from vqgan_cli.checkpoints.format import CheckpointError
+from vqgan_cli.checkpoints.format import CheckpointError, is_safetensors
 
-CONFIG_HINT = ("the release keeps it in the run folder as configs/<date>-project.yaml, beside "
-               "checkpoints/last.ckpt; pass it with `config` PATH")
 _MAX_FOUND = 12
 
 
@@ -37,8 +35,6 @@ class Resolved(NamedTuple):
 
 
 def is_official_file(path: Path) -> bool:
-    from vqgan_cli.checkpoints.load import is_safetensors
-
     return path.is_file() and not is_safetensors(path)
 
 

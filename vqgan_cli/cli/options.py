@@ -34,6 +34,9 @@ Precision = Annotated[str, typer.Option(help=(
     "| fp32 | bf16 (emulated and several times slower on CPUs without avx512_bf16); outputs differ "
     "between precisions"))]
 Decode = Annotated[str, typer.Option(help="auto | whole | tiles")]
+SaveTokens = Annotated[bool, typer.Option(help=(
+    "also save each image's token grid beside its PNG as NAME.tokens.npy (int64, rows x cols; the "
+    "sidecar names it), to decode it again without sampling"))]
 
 
 def fields_of(request: type, values: dict[str, Any], **extra: Any) -> dict[str, Any]:

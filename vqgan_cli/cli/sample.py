@@ -14,6 +14,7 @@ from vqgan_cli.cli.options import (
     Device,
     OfficialYaml,
     Precision,
+    SaveTokens,
     Seed,
     Segment,
     Temperature,
@@ -69,11 +70,13 @@ def sample_cmd(
         help="key/value cache at the crop size (--no-cache: full forward per token)")] = True,
     precision: Precision = "auto",
     decode: Decode = "auto",
+    save_tokens: SaveTokens = False,
     out: Annotated[Path, typer.Option(help="folder for the PNGs and their JSON sidecars")] = Path("samples"),
     grid: Annotated[bool, typer.Option(help="also save all images side by side")] = False,
     device: Device = "auto",
     skip_existing: Annotated[bool, typer.Option(
-        help="draw only the images not yet in --out (after Ctrl-C: the same result as one run)")] = False,
+        help="draw only the images not yet in --out (after Ctrl-C: the same result as one run); with "
+             "--save-tokens, images without their tokens are drawn again")] = False,
 ) -> None:
     """Draw images from a prior: unconditional, class, map-conditioned, completion, any size."""
     from vqgan_cli.sample.request import SampleRequest
@@ -104,6 +107,7 @@ def upscale_cmd(
     window_memory: WindowMemory = None,
     precision: Precision = "auto",
     decode: Decode = "auto",
+    save_tokens: SaveTokens = False,
     device: Device = "auto",
 ) -> None:
     """Stochastic super-resolution: sample a detailed image S times larger than IMAGE."""

@@ -6,29 +6,12 @@ Every sample is a dict (``image`` float (3,H,W) in [-1,1], optional ``seg`` int6
 
 from __future__ import annotations
 
-
-class DataError(Exception):
-    """A data problem that must stop the run; the message names the file or source at fault."""
-
-
-class BadFile(DataError):
-    """One unreadable or invalid file; skipped (with a DataWarning) or raised per ``bad_files``."""
-
-    def __init__(self, path: str, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
-
-
-class DataWarning(UserWarning):
-    """A bad file was skipped (``bad_files: skip``); the message names the file and why."""
-
-
-from vqgan_cli.data.config import DataConfig  # noqa: E402
-from vqgan_cli.data.dataset import build_dataset, collate, model_input  # noqa: E402
-from vqgan_cli.data.landscapes import LANDSCAPE_CLASSES, Landscape, render_landscape  # noqa: E402
-from vqgan_cli.data.maps import one_hot  # noqa: E402
-from vqgan_cli.data.sampler import ResumableSampler  # noqa: E402
+from vqgan_cli.data.config import DataConfig
+from vqgan_cli.data.dataset import build_dataset, collate, model_input
+from vqgan_cli.data.errors import BadFile, DataError, DataWarning
+from vqgan_cli.data.landscapes import LANDSCAPE_CLASSES, Landscape, render_landscape
+from vqgan_cli.data.maps import one_hot
+from vqgan_cli.data.sampler import ResumableSampler
 
 __all__ = [
     "BadFile", "DataConfig", "DataError", "DataWarning", "LANDSCAPE_CLASSES", "Landscape", "ResumableSampler",

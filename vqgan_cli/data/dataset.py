@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from vqgan_cli.data import BadFile, DataError, DataWarning
 from vqgan_cli.data.config import DataConfig
+from vqgan_cli.data.errors import BadFile, DataError, DataWarning
 from vqgan_cli.data.landscapes import LANDSCAPE_CLASSES, Window, render_landscape
 from vqgan_cli.data.maps import MapData, check_labels, one_hot, read_map
 from vqgan_cli.data.sampler import reader_slot

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vqgan_cli.data import BadFile, DataError
+from vqgan_cli.data.errors import BadFile, DataError
 
 
 class LabelError(DataError):

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from braceexpand import braceexpand
 
-from vqgan_cli.data import DataError
+from vqgan_cli.data.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                               ".ppm", ".pgm", ".pbm", ".jfif"})

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vqgan_cli.data import BadFile
+from vqgan_cli.data.errors import BadFile
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _RESAMPLE = {"image": Image.Resampling.BICUBIC, "labels": Image.Resampling.NEAREST,

@@ -14,7 +14,9 @@ from vqgan_cli.evaluate.inception import (
 )
 from vqgan_cli.evaluate.prior import PriorResult, evaluate_prior
 from vqgan_cli.evaluate.samples import SamplesResult, evaluate_samples, load_stats, save_stats
-from vqgan_cli.evaluate.tokenizer import TokenizerResult, batch_metrics, evaluate_tokenizer, validate
+from vqgan_cli.evaluate.tokenizer import TokenizerResult, evaluate_tokenizer
+from vqgan_cli.metrics import batch_metrics
+from vqgan_cli.train.validation import validate  # re-exported where it used to live
 
 __all__ = ["INCEPTION_FILE", "EvaluationError", "Inception", "InceptionWeightsMissing", "PriorResult",
            "SamplesResult", "TokenizerResult", "batch_metrics", "check_inception_weights",

@@ -1,13 +1,11 @@
 """Tokenizer evaluation over a data source: L1, PSNR, SSIM, LPIPS, codebook usage/perplexity, rFID.
 
-:func:`batch_metrics` is the one implementation of the per-image numbers; training validation
-(:func:`validate`, called by the tokenizer stage of ``vqgan_cli.train``) and ``vqgan evaluate tokenizer``
-(:func:`evaluate_tokenizer`) both use it.
+The per-image numbers come from :func:`vqgan_cli.metrics.batch_metrics`, the one implementation
+that training validation (:func:`vqgan_cli.train.validation.validate`) uses too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -15,15 +13,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vqgan_cli.metrics import (
+    batch_metrics,
     code_counts,
     codebook_perplexity,
     codebook_usage,
     frechet_distance_features,
-    psnr,
-    ssim,
 )
 from vqgan_cli.runtime import autocast
 
@@ -39,48 +35,6 @@ DEFINITIONS = {
     "rfid": "FID (Inception pool3, 2048-d) of the inputs vs their reconstructions, as uint8 images "
             "resized to 299 by torch-fidelity's network",
 }
-
-
-def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor, modality: str,
-                  perceptual: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Per-image metrics (each (B,), fp32) of inputs ``x`` and decoder outputs ``x_hat``."""
-    x_hat, xf = x_hat.float(), x.float()
-    vals: dict[str, torch.Tensor] = {}
-    if modality == "segmentation":
-        vals["accuracy"] = (x_hat.argmax(1) == xf.argmax(1)).float().flatten(1).mean(1)
-        vals["bce"] = F.binary_cross_entropy_with_logits(x_hat, xf, reduction="none").flatten(1).mean(1)
-        return vals
-    vals["l1"] = (xf - x_hat).abs().flatten(1).mean(1)
-    vals["psnr"] = psnr(x_hat.clamp(-1, 1), xf)
-    rgb = (lambda t: t.repeat(1, 3, 1, 1)) if xf.shape[1] == 1 else (lambda t: t)
-    vals["ssim"] = ssim(rgb(x_hat.clamp(-1, 1)), rgb(xf))
-    if perceptual is not None and modality == "image":
-        vals["lpips"] = perceptual(xf, x_hat.clamp(-1, 1)).flatten().float()
-    return vals
-
-
-@torch.no_grad()
-def validate(model, batches: Iterable[torch.Tensor], modality: str,  # noqa: ANN001 - a VQGAN
-             perceptual: torch.nn.Module | None = None, autocast_ctx=None) -> dict[str, float]:
-    """Training validation: means of :func:`batch_metrics` over the batches, codebook usage over
-    all their codes, and ``images``."""
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(model.n_tokens, dtype=torch.long)
-    sums: dict[str, float] = {}
-    count = 0
-    for x in batches:
-        with autocast_ctx or contextlib.nullcontext():
-            out = model(x)
-        counts += code_counts(out.indices.cpu(), counts.numel())
-        for k, v in batch_metrics(x, out.x_hat, modality, perceptual).items():
-            sums[k] = sums.get(k, 0.0) + float(v.sum())
-        count += x.shape[0]
-    model.train(was_training)
-    result = {k: v / max(count, 1) for k, v in sums.items()}
-    result["codebook_usage"] = codebook_usage(counts)
-    result["images"] = count
-    return result
 
 
 @dataclass

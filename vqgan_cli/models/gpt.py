@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from vqgan_cli.config import spec
-from vqgan_cli.models.kv_cache import KVCache, LayerKV, cache_dtype, decode
+from vqgan_cli.models.kv_cache import Attention, Fused, Heads, KVCache, LayerKV, cache_dtype
 
 __all__ = ["GPT", "GPTConfig", "GPTSize", "KVCache", "LayerKV", "param_groups"]
 
@@ -65,7 +65,12 @@ class GPTConfig(GPTSize):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with minGPT's separate key/query/value/proj layers."""
+    """Multi-head causal self-attention with minGPT's separate key/query/value/proj layers.
+
+    It exposes its two halves instead of one forward, so that every way of running the
+    transformer (:meth:`GPT.run`) shares them: :meth:`heads` projects a normed input to
+    queries/keys/values, and :meth:`output` turns the attention result back into the residual
+    update. What attends to what (a causal mask, a key/value cache) is the caller's part."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -81,43 +86,57 @@ class CausalSelfAttention(nn.Module):
         mask = torch.tril(torch.ones(cfg.block_size, cfg.block_size))
         self.register_buffer("mask", mask.view(1, 1, cfg.block_size, cfg.block_size))
 
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        B, T, C = t.shape
-        return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+    def fused(self) -> Fused:
+        """The query, key and value projections as one weight (3C, C) and bias (3C,): one matmul
+        instead of three, which halves a decoding step's projection time in bfloat16 at batch 1.
+        A snapshot of the current weights: take a new one after changing them."""
+        with torch.no_grad():
+            return (torch.cat((self.query.weight, self.key.weight, self.value.weight)),
+                    torch.cat((self.query.bias, self.key.bias, self.value.bias)))
 
-    def forward(self, x: torch.Tensor, kv: LayerKV | None = None, pos: int = 0) -> torch.Tensor:
-        """``x`` (B, T, C). With ``kv``, x holds positions pos..pos+T-1; their keys/values are
-        written into the cache and the queries attend to every cached position up to their own."""
-        B, T, C = x.shape
-        q = self._heads(self.query(x))  # (B, nh, T, hs)
-        k = self._heads(self.key(x))  # (B, nh, T, hs)
-        v = self._heads(self.value(x))  # (B, nh, T, hs)
-        dropout_p = self.attn_pdrop if self.training else 0.0
+    def heads(self, h: torch.Tensor, fused: Fused | None = None, queries: bool = True) -> Heads:
+        """Queries, keys and values of the normed input ``h`` (B, T, C), each (B, nh, T, hs);
+        ``queries=False`` skips the queries (None). ``fused``: this layer's :meth:`fused`
+        snapshot (one matmul), else the three layers (what training differentiates)."""
+        B, T, C = h.shape
+        nh = self.n_head
+        if fused is None:
+            split = lambda t: t.view(B, T, nh, C // nh).transpose(1, 2)  # noqa: E731
+            q = split(F.linear(h, self.query.weight, self.query.bias)) if queries else None
+            return q, split(F.linear(h, self.key.weight, self.key.bias)), \
+                split(F.linear(h, self.value.weight, self.value.bias))
+        w, b = fused if queries else (fused[0][C:], fused[1][C:])
+        parts = F.linear(h, w, b).view(B, T, -1, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)
+        return (parts[0] if queries else None), parts[-2], parts[-1]
 
-        if kv is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            end = pos + T
-            kv.k[:, :, pos:end] = k
-            kv.v[:, :, pos:end] = v
-            # the cache may be stored in another dtype than autocast computes in
-            k_all = kv.k[:, :, :end].to(q.dtype)  # (B, nh, end, hs)
-            v_all = kv.v[:, :, :end].to(q.dtype)  # (B, nh, end, hs)
-            if T == 1:  # the newest token sees everything: no mask needed
-                y = F.scaled_dot_product_attention(q, k_all, v_all, dropout_p=dropout_p)
-            elif pos == 0:
-                y = F.scaled_dot_product_attention(q, k_all, v_all, dropout_p=dropout_p, is_causal=True)
-            else:
-                # is_causal aligns top-left; queries here sit at the bottom right of (T, end)
-                allowed = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-                y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=allowed,
-                                                   dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
-        return self.resid_drop(self.proj(y))
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """The residual update from the attention result ``y`` (B, nh, T, hs): heads side by
+        side, then the output projection (B, T, C)."""
+        B, nh, T, hs = y.shape
+        out = F.linear(y.transpose(1, 2).reshape(B, T, nh * hs), self.proj.weight, self.proj.bias)
+        return F.dropout(out, self.resid_drop.p, self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over ``x`` (B, T, C) on its own."""
+        q, k, v = self.heads(x)
+        return self.output(causal_attention(q, k, v, self.attn_pdrop if self.training else 0.0))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Every position attends to itself and the positions before it (the training forward)."""
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+def _norm(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)).
+
+    In two steps so that callers choose the attention: :meth:`heads` (queries/keys/values of
+    ln1(x)) and :meth:`finish` (the attention output's residual, then the MLP's). The functional
+    calls skip nn.Module call overhead, which counts when decoding one token at a time."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -133,10 +152,20 @@ class Block(nn.Module):
             nn.Dropout(cfg.resid_pdrop),
         )
 
-    def forward(self, x: torch.Tensor, kv: LayerKV | None = None, pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), kv, pos)  # (B, T, C)
-        x = x + self.mlp(self.ln2(x))  # (B, T, C)
-        return x
+    def heads(self, x: torch.Tensor, fused: Fused | None = None, queries: bool = True) -> Heads:
+        """Queries (None when ``queries`` is False), keys and values of ``x`` (B, T, C)."""
+        return self.attn.heads(_norm(x, self.ln1), fused, queries)
+
+    def finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, T, C) updated by the attention result ``y`` (B, nh, T, hs) and the MLP."""
+        x = x + self.attn.output(y)
+        fc, out = self.mlp[0], self.mlp[2]
+        h = F.linear(F.gelu(F.linear(_norm(x, self.ln2), fc.weight, fc.bias)), out.weight, out.bias)
+        return x + F.dropout(h, self.mlp[3].p, self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.heads(x)
+        return self.finish(x, causal_attention(q, k, v, self.attn.attn_pdrop if self.training else 0.0))
 
 
 def init_gpt_weights(module: nn.Module) -> None:
@@ -182,15 +211,64 @@ class GPT(nn.Module):
             n -= self.tok_emb.weight.numel() + self.pos_emb.numel()
         return n
 
+    # -- the one layer loop --------------------------------------------------------------------
+
+    def embed(self, idx: torch.Tensor, pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """Token plus position embeddings (N, T, C) of ``idx`` (N, T): positions pos..pos+T-1
+        for an int or a 0-d tensor ``pos`` (the same for every row), or ``pos`` (N, T) itself."""
+        x = F.embedding(idx, self.tok_emb.weight)
+        T = idx.shape[1]
+        if isinstance(pos, int):
+            x = x + self.pos_emb[:, pos:pos + T]
+        elif pos.dim() == 0:
+            x = x + self.pos_emb[0].index_select(0, pos + torch.arange(T, device=pos.device))
+        else:
+            x = x + self.pos_emb[0, pos]
+        return F.dropout(x, self.drop.p, self.training)
+
+    def run(self, x: torch.Tensor, attention: Attention, fused: list[Fused] | None = None,
+            read: torch.Tensor | None = None, outputs: bool = True) -> torch.Tensor | None:
+        """The blocks over embedded ``x`` (N, T, C), ``attention(layer, q, k, v)`` deciding what
+        each query attends to (causal, through a cache, ...); the result (N, T, C) before
+        ``ln_f``. Every forward of the prior is this loop with its own ``attention``.
+
+        ``fused``: per layer, :meth:`CausalSelfAttention.fused` (decoding without gradients).
+        ``read`` (N,): only that position of each row is read from the output, so the last block
+        computes its query, attention and MLP for it alone (result (N, 1, C)). ``outputs=False``:
+        no output is read; the last block computes keys and values only (``attention`` gets
+        ``q=None``, and the result is None), which is all a cache prefill needs."""
+        last = len(self.blocks) - 1
+        for n, blk in enumerate(self.blocks):
+            f = None if fused is None else fused[n]
+            if n < last or (read is None and outputs):
+                q, k, v = blk.heads(x, f)
+                x = blk.finish(x, attention(n, q, k, v))
+                continue
+            _, k, v = blk.heads(x, f, queries=False)
+            if not outputs:
+                attention(n, None, k, v)
+                return None
+            x = x[torch.arange(len(x), device=x.device), read][:, None]  # (N, 1, C)
+            q, _, _ = blk.heads(x, f)  # the query of the read position only (its keys are above)
+            x = blk.finish(x, attention(n, q, k, v))
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (..., vocab) from the blocks' output."""
+        return F.linear(_norm(x, self.ln_f), self.head.weight)
+
+    def fused(self) -> list[Fused]:
+        """Every layer's fused query/key/value projection (:meth:`CausalSelfAttention.fused`)."""
+        return [blk.attn.fused() for blk in self.blocks]
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """``idx`` (B, T) int64 -> logits (B, T, vocab); position t sees tokens 0..t."""
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
-        x = self.drop(self.tok_emb(idx) + self.pos_emb[:, :T])  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)  # (B, T, C)
-        return self.head(self.ln_f(x))  # (B, T, vocab)
+        p = self.blocks[0].attn.attn_pdrop if self.training else 0.0
+        x = self.run(self.embed(idx), lambda n, q, k, v: causal_attention(q, k, v, p))
+        return self.logits(x)
 
     # -- incremental decoding ------------------------------------------------------------------
 
@@ -218,9 +296,9 @@ class GPT(nn.Module):
         Their keys/values go into ``cache`` and each attends to every earlier cached position,
         so the result equals ``forward(full)[:, pos:pos+t]``. ``pos`` defaults to
         ``cache.length``; a smaller ``pos`` overwrites (rewinds) the tail. No gradients and no
-        dropout: the cache exists for decoding only (:func:`~vqgan_cli.models.kv_cache.decode`),
-        and it keeps the fused projection of the weights it started with: after changing the
-        weights, start a new cache (its keys/values came from the old ones anyway).
+        dropout: the cache exists for decoding only, and it keeps the fused projection of the
+        weights it started with: after changing the weights, start a new cache (its
+        keys/values came from the old ones anyway).
         """
         B, t = idx.shape
         pos = cache.length if pos is None else pos
@@ -230,7 +308,11 @@ class GPT(nn.Module):
             raise ValueError(f"positions up to {pos + t} exceed the cache's max_len {cache.max_len}")
         if B != cache.batch_size:
             raise ValueError(f"batch size {B} differs from the cache's {cache.batch_size}")
-        return decode(self, idx, cache, pos)
+        if cache.qkv is None:
+            cache.qkv = self.fused()
+        x = self.run(self.embed(idx, pos), cache.attention(pos, t), cache.qkv)
+        cache.length = pos + t
+        return self.logits(x)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -1,22 +1,36 @@
-"""Incremental decoding of the GPT prior: a preallocated key/value cache and a lean forward over it.
+"""Incremental decoding of the GPT prior: preallocated key/value caches and the attention over them.
 
 Sampling one token at a time spends most of its time on per-call overhead, not arithmetic: at
-batch 1 a step of a small prior is a few hundred tiny kernels. :func:`decode` therefore calls the
-functional ops on the GPT's own parameters directly (no module calls, no dropout), projects
-queries, keys and values in one matmul (:func:`fused_qkv`), writes each step's keys/values in
-place, and attends with the kernel measured fastest for the shape and dtype (:func:`attend`). It
-computes the same maths as ``GPT.forward`` (tests compare the two)."""
+batch 1 a step of a small prior is a few hundred tiny kernels. The caches here are allocated once
+at their final shape and written in place; :meth:`KVCache.attention` gives ``GPT.run`` the
+attention of a step over a cache (eager, any number of new tokens, rewinds allowed), and
+:class:`StaticDecoder` a fixed-shape one-token step that ``torch.compile`` can capture whole
+(no Python-side shape changes: the position is a tensor, the mask covers the whole buffer).
+Both compute the same maths as ``GPT.forward`` (tests compare them)."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 from torch.nn import functional as F
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: gpt.py builds on this module
     from vqgan_cli.models.gpt import GPT
+
+Fused = tuple[torch.Tensor, torch.Tensor]  # one layer's query/key/value weight (3C, C) and bias (3C,)
+Heads = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]  # q (None: not computed), k, v
+
+
+class Attention(Protocol):
+    """What ``GPT.run`` asks at every layer: the attention result (N, nh, Tq, hs) of queries
+    ``q`` over (at least) the keys/values ``k``/``v`` (N, nh, T, hs) of the new positions, which
+    the implementation may store first. ``q`` is None when the layer's output is not needed."""
+
+    def __call__(self, layer: int, q: torch.Tensor | None, k: torch.Tensor,
+                 v: torch.Tensor) -> torch.Tensor | None: ...
 
 
 class LayerKV(NamedTuple):
@@ -37,8 +51,8 @@ class KVCache:
         self.layers = layers
         self.length = length
         # the fused projection of the weights this cache's keys/values come from, taken at its
-        # first decoding step (:func:`fused_qkv`'s staleness check costs ~30 us, once per step)
-        self.qkv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # first decoding step (``GPT.fused``)
+        self.qkv: list[Fused] | None = None
 
     @classmethod
     def empty(cls, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
@@ -56,6 +70,26 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.layers[0].k.shape[2]
+
+    def attention(self, pos: int, t: int) -> Attention:
+        """The attention of ``t`` new positions pos..pos+t-1 (``GPT.run``): their keys/values are
+        written into the cache, and each attends to every cached position up to its own."""
+        end = pos + t
+        keys = self.layers[0].k
+        # the CPU's bfloat16 matmuls copy a slice of the cache at every call (171 us against 96
+        # us for the whole 256-position buffer at 8 x 4 heads), so they read whole buffers, with
+        # a mask that hides the positions after each row's own; other kernels take the slice
+        span = self.max_len if keys.dtype != torch.float32 and keys.device.type == "cpu" else end
+        mask = None
+        if t > 1 or span > end:  # a row sees the cached positions and the new ones up to its own
+            mask = torch.ones(t, span, dtype=torch.bool, device=keys.device).tril(diagonal=pos)
+
+        def attention(n: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+            kv = self.layers[n]
+            kv.k[:, :, pos:end] = k
+            kv.v[:, :, pos:end] = v
+            return None if q is None else attend(q, kv.k[:, :, :span], kv.v[:, :, :span], mask)
+        return attention
 
 
 def cache_dtype(device: torch.device, weights: torch.dtype) -> torch.dtype:
@@ -80,60 +114,74 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return att.softmax(-1) @ v
 
 
-def fused_qkv(gpt: GPT) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, the query, key and value projections as one weight (3C, C) and bias (3C,): one
-    matmul instead of three, which halves a decoding step's projection time in bfloat16 at batch
-    1. Built from the current weights and rebuilt when any of them changes (another dtype from
-    ``precision_context``, an optimiser step, a loaded state dict: new storage or a new version);
-    the snapshot keeps the source tensors alive, so a storage address cannot be reused meanwhile."""
-    sources = [t for blk in gpt.blocks for m in (blk.attn.query, blk.attn.key, blk.attn.value)
-               for t in (m.weight, m.bias)]
-    key = tuple((t.data_ptr(), t._version) for t in sources)
-    snap = gpt.__dict__.get("_fused_qkv")
-    if snap is None or snap[0] != key:
-        with torch.no_grad():
-            w = [(torch.cat(sources[i:i + 6:2]), torch.cat(sources[i + 1:i + 6:2])) for i in range(0, len(sources), 6)]
-        gpt.__dict__["_fused_qkv"] = snap = (key, w, [t.data for t in sources])
-    return snap[1]
 
 
-def _norm(x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
-    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+# --------------------------------------------------------------------------------------------
+# the fixed-shape decoding step
 
 
-def _linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    return F.linear(x, layer.weight, layer.bias)
+def decode_step(gpt: GPT, fused: list[Fused], layers: list[LayerKV], positions: torch.Tensor,
+                idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Logits (B, vocab) of one new token per row ``idx`` (B, 1) at position ``pos`` (a 0-d
+    long tensor), through caches ``layers`` of fixed shape (B, nh, max_len, hs): the key/value
+    write is an ``index_copy_`` at ``pos`` and the attention reads the whole buffer with a mask
+    ``positions <= pos``, so nothing in it depends on ``pos`` as a Python number and one
+    compiled graph serves every step."""
+    allowed = (positions <= pos).view(1, 1, 1, -1)  # this step's row sees the cache up to its own position
+    at = pos.view(1)
+
+    def attention(n: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        kv = layers[n]
+        kv.k.index_copy_(2, at, k.to(kv.k.dtype))
+        kv.v.index_copy_(2, at, v.to(kv.v.dtype))
+        return None if q is None else attend(q, kv.k, kv.v, allowed)
+    return gpt.logits(gpt.run(gpt.embed(idx, pos), attention, fused))[:, -1]
 
 
-def decode(gpt: GPT, idx: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-    """Logits (B, t, vocab) of tokens ``idx`` (B, t) at positions pos..pos+t-1, each attending to
-    the cached positions before it and to the new ones up to itself. Writes their keys/values
-    into ``cache`` and sets ``cache.length``; the caller checks the positions (``GPT.forward_cached``)."""
-    B, t = idx.shape
-    nh = gpt.cfg.n_head
-    end = pos + t
-    # the CPU's bfloat16 matmuls copy a slice of the cache at every call (171 us against 96 us
-    # for the whole 256-position buffer at 8 x 4 heads), so they read whole buffers, with a mask
-    # that hides the positions after each row's own; other kernels take the slice as it is
-    keys = cache.layers[0].k
-    whole = keys.dtype != torch.float32 and keys.device.type == "cpu"
-    span = cache.max_len if whole else end
-    mask = None
-    if t > 1 or span > end:  # a row sees the cached positions and the new ones up to its own
-        mask = torch.ones(t, span, dtype=torch.bool, device=idx.device).tril(diagonal=pos)
-    x = F.embedding(idx, gpt.tok_emb.weight) + gpt.pos_emb[:, pos:end]  # (B, t, C)
-    C = x.shape[-1]
-    if cache.qkv is None:
-        cache.qkv = fused_qkv(gpt)
-    for blk, kv, (w, b) in zip(gpt.blocks, cache.layers, cache.qkv, strict=True):
-        a = blk.attn
-        qkv = F.linear(_norm(x, blk.ln1), w, b).view(B, t, 3, nh, C // nh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, t, hs)
-        kv.k[:, :, pos:end] = k
-        kv.v[:, :, pos:end] = v
-        y = attend(q, kv.k[:, :, :span], kv.v[:, :, :span], mask)  # (B, nh, t, hs)
-        x = x + _linear(y.transpose(1, 2).reshape(B, t, C), a.proj)
-        fc, out = blk.mlp[0], blk.mlp[2]
-        x = x + _linear(F.gelu(_linear(_norm(x, blk.ln2), fc)), out)
-    cache.length = end
-    return F.linear(_norm(x, gpt.ln_f), gpt.head.weight)  # (B, t, vocab)
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_step(device: torch.device) -> Callable:
+    """:func:`decode_step` under ``torch.compile`` (whole graph, static shapes: compiled once per
+    batch size, cache length and dtype); on CUDA with CUDA graphs (``reduce-overhead``), which
+    replay a step's kernels in one launch."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+    return _COMPILED[mode]
+
+
+class StaticDecoder:
+    """Decoding ``batch_size`` sequences of up to ``max_len`` positions: a prefill of several
+    tokens (eager), then one-token steps through :func:`decode_step`, compiled or not.
+
+    The cache and the fused projections are taken once, at creation, from the weights as they
+    are then (under the precision context the sampler runs in)."""
+
+    def __init__(self, gpt: GPT, batch_size: int, max_len: int, compiled: bool = False):
+        self.gpt = gpt
+        self.cache = gpt.new_cache(batch_size, max_len)
+        self.cache.qkv = self.fused = gpt.fused()
+        device = self.cache.layers[0].k.device
+        self.positions = torch.arange(max_len, device=device)
+        if compiled and device.type == "cuda":
+            for layer in self.cache.layers:  # CUDA graphs replay fixed addresses: say these are
+                torch._dynamo.mark_static_address(layer.k)
+                torch._dynamo.mark_static_address(layer.v)
+        self._step = compiled_step(device) if compiled else None
+
+    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, t, vocab) of the first ``t`` tokens ``idx`` (B, t)."""
+        return self.gpt.forward_cached(idx, self.cache, 0)
+
+    def step(self, idx: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits (B, vocab) of ``idx`` (B, 1) at position ``pos`` (after every earlier one).
+
+        Eager, the step reads the cache up to ``pos`` only (``GPT.forward_cached``: measured
+        faster than the fixed-shape step run eagerly, which reads the whole buffer)."""
+        if self._step is None:
+            return self.gpt.forward_cached(idx, self.cache, pos)[:, -1]
+        at = torch.tensor(pos, device=self.positions.device)
+        out = self._step(self.gpt, self.fused, self.cache.layers, self.positions, idx, at)
+        self.cache.length = pos + 1
+        return out

@@ -37,6 +37,7 @@ class DrawSettings:
     decode: str = "auto"
     device: str = "auto"
     command: str | None = None  # the command line, recorded in the sidecars
+    save_tokens: bool = False  # each image's token grid beside its PNG, to be decoded again
 
     def check(self) -> None:
         """Every problem with the values alone (no model needed), at once."""

@@ -4,7 +4,8 @@ Each image ``i`` is drawn with its own generator seeded ``seed + i`` and saved a
 ``{i:04d}_seed{seed+i}.png`` (``_class{c}`` added for class priors) with a JSON sidecar of the
 same stem holding every setting and the checkpoints' hashes, so one image can be re-made
 alone (``--seed S --n 1``). On the CPU in float32 the same command and seed write
-byte-identical PNGs.
+byte-identical PNGs. With ``save_tokens`` its token grid is kept too, as ``NAME.tokens.npy``
+(int64, rows x cols, named in the sidecar's ``tokens``), to be decoded again without sampling.
 """
 
 from __future__ import annotations
@@ -114,12 +115,43 @@ def _sidecar(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, write)
 
 
-_SET_SIZE_ONLY = ("n", "batch_size", "grid", "command")  # settings that do not change image i
+def tokens_name(png: Path) -> str:
+    """The token file beside an image: ``NAME.png`` -> ``NAME.tokens.npy``."""
+    return f"{png.stem}.tokens.npy"
+
+
+def _save_tokens(path: Path, grid: torch.Tensor) -> None:
+    """One image's (rows, cols) token grid as an int64 ``.npy``, atomically like the PNG."""
+    array = grid.detach().cpu().numpy().astype(np.int64)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.save would add .npy to the temp name
+            np.save(fh, array)
+        tmp.chmod(0o644)
+
+    atomic_write(path, write)
+
+
+def _keep_tokens(png: Path, grid: torch.Tensor, save: bool) -> dict[str, str]:
+    """Write (or, when not asked for, remove a stale) token file beside ``png``; the sidecar entry
+    naming it, so a sidecar never names tokens of another drawing nor misses the ones beside it."""
+    path = png.with_name(tokens_name(png))
+    if not save:
+        path.unlink(missing_ok=True)
+        return {}
+    _save_tokens(path, grid)
+    return {"tokens": path.name}
+
+
+# settings that do not change image i
+_SAME_IMAGE = ("n", "batch_size", "grid", "command", "save_tokens")
 
 
 def _finished(out: Path, name: str, settings: dict[str, Any], hashes: dict) -> bool:
-    """--skip-existing: whether image ``name`` is complete (its sidecar is written first, the
-    PNG last) and was drawn with these settings and checkpoints; other settings are refused."""
+    """--skip-existing: whether image ``name`` is complete (its tokens and sidecar are written first,
+    the PNG last) and was drawn with these settings and checkpoints; other settings are refused.
+    An image asked for with ``save_tokens`` but saved without them is drawn again: the same seed
+    gives the same tokens, which cannot be read back from the PNG."""
     png, side = out / f"{name}.png", out / f"{name}.json"
     if not (png.is_file() and side.is_file()):
         return False
@@ -127,8 +159,8 @@ def _finished(out: Path, name: str, settings: dict[str, Any], hashes: dict) -> b
         old = json.loads(side.read_text())
     except json.JSONDecodeError:
         return False  # torn by something else: drawn again
-    mine = {k: v for k, v in settings.items() if k not in _SET_SIZE_ONLY}
-    theirs = {k: v for k, v in old.get("settings", {}).items() if k not in _SET_SIZE_ONLY}
+    mine = {k: v for k, v in settings.items() if k not in _SAME_IMAGE}
+    theirs = {k: v for k, v in old.get("settings", {}).items() if k not in _SAME_IMAGE}
     diffs = [f"{k} {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in sorted(set(mine) | set(theirs))
              if mine.get(k) != theirs.get(k)]
     if old.get("checkpoints") != hashes:
@@ -136,7 +168,8 @@ def _finished(out: Path, name: str, settings: dict[str, Any], hashes: dict) -> b
     if diffs:
         raise SampleUsageError(f"{side}: drawn with other settings ({'; '.join(diffs)}); `skip_existing` keeps "
                                "only images of the same settings: choose another `out`, or leave it out")
-    return True
+    tokens = old.get("tokens")
+    return not settings.get("save_tokens") or (tokens == tokens_name(png) and (out / tokens).is_file())
 
 
 class Prepared(NamedTuple):
@@ -203,10 +236,11 @@ def run_sample(req: SampleRequest, models: Models | None = None,
             seconds += time.perf_counter() - t0
             for k, i in enumerate(idx):
                 pixels = decode_grid(models.tokenizer, tokens[k:k + 1], mode=req.decode).image[0].cpu()
-                _sidecar(out / f"{names[i]}.json", {  # sidecar first, PNG last: a PNG means both are there
+                saved = _keep_tokens(out / f"{names[i]}.png", tokens[k], req.save_tokens)
+                _sidecar(out / f"{names[i]}.json", {  # tokens and sidecar first, PNG last: a PNG means all are there
                     "image": f"{names[i]}.png", "index": i, "seed": plan.seeds[i], "class": plan.classes[i],
                     "size": [w * f, h * f], "grid": [h, w], "crop": list(plan.crop),
-                    "settings": settings, "checkpoints": hashes, "notes": notes})
+                    "settings": settings, "checkpoints": hashes, "notes": notes, **saved})
                 save_png(out / f"{names[i]}.png", pixels)
                 written += 1
                 record()
@@ -245,10 +279,11 @@ def run_upscale(req: UpscaleRequest, models: Models | None = None,
         pixels = decode_grid(models.tokenizer, tokens, mode=req.decode).image[0].cpu()
         suffix = out.suffix or ".png"
         path = out if req.n == 1 else out.with_name(f"{out.stem}_{i:02d}_seed{plan.seeds[i]}{suffix}")
+        saved = _keep_tokens(path, tokens[0], req.save_tokens)
         save_png(path, pixels)
         _sidecar(path.with_suffix(".json"), {
             "image": path.name, "index": i, "seed": plan.seeds[i], "size": [w * f, h * f],
             "grid": [h, w], "crop": list(plan.crop), "settings": {**asdict(req), "precision_used": precision.name},
-            "checkpoints": hashes, "notes": notes})
+            "checkpoints": hashes, "notes": notes, **saved})
         files.append(path)
     return SampleReport(files, None, (w * f, h * f), req.n * h * w, seconds, notes)

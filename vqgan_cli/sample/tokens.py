@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vqgan_cli.models.gpt import GPT, KVCache
+from vqgan_cli.models.gpt import GPT
+from vqgan_cli.models.kv_cache import StaticDecoder
 
 
 class SamplingError(ValueError):
@@ -127,16 +128,9 @@ class Guided:
         c, u = logits.float().chunk(2)
         return u + self.scale * (c - u)
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return self.gpt.new_cache(self.rows(batch), max_len)
-
     def full_last(self, seq: torch.Tensor) -> torch.Tensor:
         """Logits of the last position from a plain forward over ``seq`` (rows, T)."""
         return self.mix(self.gpt(seq)[:, -1])
-
-    def cached(self, seq: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Feed ``seq`` (rows, t) after the cached positions; logits of its last position."""
-        return self.mix(self.gpt.forward_cached(seq, cache)[:, -1])
 
     def double(self, tokens: torch.Tensor) -> torch.Tensor:
         """New image tokens (B, t) are the same for both halves of a guided batch."""
@@ -146,12 +140,14 @@ class Guided:
 @torch.no_grad()
 def sample_sequence(gpt: GPT, cond: torch.Tensor, n_tokens: int, opts: SamplingOptions,
                     generators: list[torch.Generator], prefix: torch.Tensor | None = None,
-                    null_cond: torch.Tensor | None = None, cached: bool = True,
+                    null_cond: torch.Tensor | None = None, cached: bool = True, compiled: bool = False,
                     on_token: Callable[[torch.Tensor, int], None] | None = None) -> torch.Tensor:
     """Sample ``n_tokens`` image tokens (reading order) after conditioning ``cond`` (B, Lc).
 
     ``prefix`` (B, Lp): known first tokens (completion), kept and extended. ``cached``: prefill
-    once, then one token per step through the key/value cache; otherwise a full forward per
+    once, then one token per step through a fixed-shape key/value cache
+    (:class:`~vqgan_cli.models.kv_cache.StaticDecoder`; ``compiled``: its step under
+    ``torch.compile``, compiled once per batch size and length); otherwise a full forward per
     token (the reference's plain loop), which draws the very same tokens. ``on_token``: called
     with each new token (B,) and its position, so a caller can show progress or stop (by raising).
     """
@@ -176,10 +172,10 @@ def sample_sequence(gpt: GPT, cond: torch.Tensor, n_tokens: int, opts: SamplingO
             if on_token is not None:
                 on_token(nxt, tokens.shape[1] - 1)
         return tokens
-    cache = g.new_cache(B, Lc + n_tokens - 1)
+    decoder = StaticDecoder(gpt, g.rows(B), Lc + n_tokens - 1, compiled)
     first = g.join(torch.cat((cond, tokens), 1),
                    None if null_cond is None else torch.cat((null_cond, tokens), 1))
-    logits = g.cached(first, cache)
+    logits = g.mix(decoder.prefill(first)[:, -1])
     out = [tokens]
     for step in range(start, n_tokens):
         nxt = draw_tokens(logits, opts, u[:, step - start])[:, None]  # (B, 1)
@@ -187,5 +183,5 @@ def sample_sequence(gpt: GPT, cond: torch.Tensor, n_tokens: int, opts: SamplingO
         if on_token is not None:
             on_token(nxt[:, 0], step)
         if step + 1 < n_tokens:
-            logits = g.cached(g.double(nxt), cache)
+            logits = g.mix(decoder.step(g.double(nxt), Lc + step))
     return torch.cat(out, 1)

@@ -251,6 +251,7 @@ def sample_exact(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[i
         raise SamplingError(f"`window_memory` cannot hold one window forward ({as_mib(per_unit)}); "
                             "raise it or lower `batch_size`")
     rows_done, drawn = plan.progress()
+    fused = gpt.fused()  # once per run, from the weights of the precision the run computes in
     for step, units in enumerate(plan.by_step()):
         groups: dict[int, list[Unit]] = defaultdict(list)
         for un in units:  # same output position = same length: no padding, no mask
@@ -258,7 +259,7 @@ def sample_exact(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[i
         for k, same in groups.items():
             for part in _chunks(same, max_units):
                 seq = batch.sequences(part)[:, :batch.lc + k]  # up to the output position
-                batch.draw(forward_windows(gpt, seq, batch.lc), part, 0)
+                batch.draw(forward_windows(gpt, seq, batch.lc, fused), part, 0)
         if on_step is not None:
             on_step(grid, int(rows_done[step]), int(drawn[step]))
     return grid
@@ -293,8 +294,9 @@ def sample_fast(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[in
     firsts = {un.tile: un for un in reversed(plan.units)}  # tile -> its first unit (same window)
     row_of = {t: k for k, t in enumerate(firsts)}
     room = _budget(memory_mib) - pool_bytes - 16 * per_unit  # what the caches and 16 units leave
+    fused = gpt.fused()  # once per run, from the weights of the precision the run computes in
     store = None if lc < 2 else PrefixStore.build(
-        gpt, batch.sequences(list(firsts.values()))[:, :lc - 1], room, min(max_units, 64))
+        gpt, batch.sequences(list(firsts.values()))[:, :lc - 1], room, min(max_units, 64), fused)
     free = list(range(n_slots))[::-1]
     slot: dict[int, int] = {}
     filled: dict[int, int] = {}  # tile -> positions of its window already in its cache
@@ -318,7 +320,7 @@ def sample_fast(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[in
                     which = torch.tensor([row_of[un.tile] * R + k for un in part for k in range(R)])
                     store.copy_to(kv, new, which[new.cpu()].to(dev))
                 else:
-                    prefill_shared(gpt, seq[new, :lc - 1], kv, new)
+                    prefill_shared(gpt, seq[new, :lc - 1], kv, new, fused)
                 start_r[new.cpu()] = lc - 1
             length = first_r - start_r  # tokens to feed before each unit's first output
             logits = None
@@ -326,7 +328,7 @@ def sample_fast(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[in
                 rows_l = (length == L).nonzero()[:, 0]
                 take = start_r[rows_l, None] + torch.arange(L)
                 out = forward_rows(gpt, seq[rows_l.to(dev)].gather(1, take.to(dev)),
-                                   start_r[rows_l].to(dev), L - 1, kv, rows_l.to(dev))
+                                   start_r[rows_l].to(dev), L - 1, kv, rows_l.to(dev), fused)
                 if logits is None:
                     logits = out.new_empty(len(sel), out.shape[1])
                 logits[rows_l.to(dev)] = out
@@ -334,7 +336,7 @@ def sample_fast(gpt: GPT, cond: Conditioning, init: torch.Tensor, crop: tuple[in
             for t in range(n_tok):
                 tok = batch.draw(logits, part, t)
                 if t + 1 < n_tok:
-                    logits = forward_rows(gpt, tok[:, None], (first_r + t).to(dev), 0, kv)
+                    logits = forward_rows(gpt, tok[:, None], (first_r + t).to(dev), 0, kv, fused=fused)
             put_rows(pool, sel, kv)
             for un, f in zip(part, first.tolist(), strict=True):
                 filled[un.tile] = f + un.c1 - un.c0 - 1  # the last drawn token is not fed yet

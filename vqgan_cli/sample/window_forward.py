@@ -9,10 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch.nn import functional as F
 
-from vqgan_cli.models.gpt import GPT, KVCache, LayerKV
-from vqgan_cli.models.kv_cache import attend, cache_dtype, fused_qkv
+from vqgan_cli.models.gpt import GPT, KVCache, LayerKV, causal_attention
+from vqgan_cli.models.kv_cache import Fused, attend, cache_dtype
 from vqgan_cli.sample.tokens import SamplingError
 
 SAMPLING_PRECISIONS = ("auto", "fp32", "bf16")  # what a request may ask for; auto resolves to one of the others
@@ -89,41 +88,16 @@ def as_mib(n: float) -> str:
 # forwards that compute only what a window's output needs
 
 
-def _last_block(blk: torch.nn.Module, x: torch.Tensor, hq: torch.Tensor, xq: torch.Tensor,
-                k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The last block for one query row per sequence: ``hq``/``xq`` (N, 1, C) its normed input
-    and residual, ``k``/``v`` (N, nh, L, hs) the keys/values it attends to."""
-    a = blk.attn
-    q = a._heads(a.query(hq))  # (N, nh, 1, hs)
-    y = attend(q, k, v, mask)  # (N, nh, 1, hs)
-    y = y.transpose(1, 2).reshape(xq.shape)  # (N, 1, C)
-    xq = xq + a.proj(y)
-    return xq + blk.mlp(blk.ln2(xq))
-
-
-def forward_last(gpt: GPT, idx: torch.Tensor) -> torch.Tensor:
+def forward_last(gpt: GPT, idx: torch.Tensor, fused: list[Fused] | None = None) -> torch.Tensor:
     """Logits (N, V) of the last position of ``idx`` (N, T): the plain forward, except that the
     last block computes its query, attention output and MLP for that position only."""
     N, T = idx.shape
-    x = gpt.drop(gpt.tok_emb(idx) + gpt.pos_emb[:, :T])  # (N, T, C)
-    for blk in gpt.blocks[:-1]:
-        x = blk(x)
-    blk = gpt.blocks[-1]
-    h = blk.ln1(x)
-    k, v = blk.attn._heads(blk.attn.key(h)), blk.attn._heads(blk.attn.value(h))  # (N, nh, T, hs)
-    x = _last_block(blk, x, h[:, -1:], x[:, -1:], k, v, None)  # the last query sees everything
-    return gpt.head(gpt.ln_f(x[:, 0]))
 
-
-def _project(h: torch.Tensor, qkv: tuple[torch.Tensor, torch.Tensor], n_head: int,
-             keys_only: bool = False) -> torch.Tensor:
-    """Queries, keys and values of ``h`` (N, T, C) in one matmul (:func:`fused_qkv`) as (N, T,
-    3, nh, hs); ``keys_only``: keys and values, (N, T, 2, nh, hs)."""
-    w, b = qkv
-    N, T, C = h.shape
-    if keys_only:
-        w, b = w[C:], b[C:]
-    return F.linear(h, w, b).view(N, T, -1, n_head, C // n_head)
+    def attention(n: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # every position's query, causally; the last block's single query sees everything
+        return causal_attention(q, k, v) if q.shape[2] > 1 else attend(q, k, v, None)
+    read = torch.full((N,), T - 1, device=idx.device)
+    return gpt.logits(gpt.run(gpt.embed(idx), attention, fused, read=read)[:, 0])
 
 
 def take_rows(kv: list[LayerKV], rows: torch.Tensor) -> list[LayerKV]:
@@ -143,18 +117,19 @@ def put_rows(kv: list[LayerKV], rows: torch.Tensor, src: list[LayerKV]) -> None:
 
 
 def forward_rows(gpt: GPT, idx: torch.Tensor, start: torch.Tensor, last: int | torch.Tensor,
-                 kv: list[LayerKV], sel: torch.Tensor | None = None) -> torch.Tensor:
+                 kv: list[LayerKV], sel: torch.Tensor | None = None,
+                 fused: list[Fused] | None = None) -> torch.Tensor:
     """Logits (N, V) at position ``last`` of each row of ``idx`` (N, T), fed through the caches
     ``kv`` (each layer (S, nh, P, hs); position P - 1 is a scratch slot) at their rows ``sel``
     (N,; all S rows in order when None). Row n's tokens sit at positions ``start[n] + t``,
     after its cached positions, and are written into its cache; rows may start at different
     positions. Tokens past a row's ``last`` write keys/values beyond it, which that row's next
-    feed overwrites before anything attends to them."""
+    feed overwrites before anything attends to them. ``fused``: ``gpt.fused()``, taken once
+    per sampling run by the caller (else here)."""
     N, T = idx.shape
     P = kv[0].k.shape[2]
     dev = idx.device
     pos = start[:, None] + torch.arange(T, device=dev)  # (N, T)
-    x = gpt.tok_emb(idx) + gpt.pos_emb[0, pos.clamp(max=gpt.block_size - 1)]  # (N, T, C)
     # whole (contiguous) cache rows: a slice of them would be copied by every matmul; the mask
     # hides the positions not yet written, and the scratch slot (queries sit below P - 1)
     allowed = torch.arange(P, device=dev)[None, None, :] <= pos[:, :, None]  # (N, T, P)
@@ -162,67 +137,58 @@ def forward_rows(gpt: GPT, idx: torch.Tensor, start: torch.Tensor, last: int | t
     at = sel if sel is not None else rows
     last = torch.as_tensor(last, device=dev).expand(N)
     write = pos.clamp(max=P - 1)
-    for n, (blk, layer, qkv) in enumerate(zip(gpt.blocks, kv, fused_qkv(gpt), strict=True)):
-        a = blk.attn
-        h = blk.ln1(x)
-        final = n + 1 == len(gpt.blocks)  # the last layer needs queries of the rows read only
-        proj = _project(h, qkv, gpt.cfg.n_head, keys_only=final)  # (N, T, 2 or 3, nh, hs)
-        layer.k[at[:, None], :, write] = proj[:, :, -2].to(layer.k.dtype)
-        layer.v[at[:, None], :, write] = proj[:, :, -1].to(layer.v.dtype)
+
+    def attention(n: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        layer = kv[n]
+        layer.k[at[:, None], :, write] = k.transpose(1, 2).to(layer.k.dtype)  # (N, T, nh, hs)
+        layer.v[at[:, None], :, write] = v.transpose(1, 2).to(layer.v.dtype)
         ks, vs = (layer.k, layer.v) if sel is None else take_rows([layer], sel)[0]  # (N, nh, P, hs)
-        if not final:
-            y = attend(proj[:, :, 0].transpose(1, 2), ks, vs, allowed[:, None])
-            x = x + a.proj(y.transpose(1, 2).reshape(x.shape))
-            x = x + blk.mlp(blk.ln2(x))
-        else:
-            hq, xq = h[rows, last][:, None], x[rows, last][:, None]  # (N, 1, C)
-            x = _last_block(blk, x, hq, xq, ks, vs, allowed[rows, last][:, None, None])
-    return gpt.head(gpt.ln_f(x[:, 0]))
+        # every fed position's query, or (the last block) the read position's alone
+        mask = allowed[:, None] if q.shape[2] == T else allowed[rows, last][:, None, None]
+        return attend(q, ks, vs, mask)
+    x = gpt.embed(idx, pos.clamp(max=gpt.block_size - 1))
+    return gpt.logits(gpt.run(x, attention, fused, read=last)[:, 0])
 
 
-def prefill_shared(gpt: GPT, prefix: torch.Tensor, kv: list[LayerKV], rows: torch.Tensor) -> None:
+def prefill_shared(gpt: GPT, prefix: torch.Tensor, kv: list[LayerKV], rows: torch.Tensor,
+                   fused: list[Fused] | None = None) -> None:
     """Write the keys/values of positions 0..n-1 of cache rows ``rows`` (R,) from their first
     tokens ``prefix`` (R, n). Every window's conditioning starts at position 0, so windows with
     the same conditioning crop (a uniform patch of sky, the null map of guidance) have the same
     keys/values there: they are computed once per distinct prefix and copied to each row."""
     uniq, inv = torch.unique(prefix, dim=0, return_inverse=True)  # (U, n), (R,)
-    _prefill_unique(gpt, uniq, inv, kv, rows)
+    _prefill_unique(gpt, uniq, inv, kv, rows, fused)
 
 
 def _prefill_unique(gpt: GPT, uniq: torch.Tensor, inv: torch.Tensor, kv: list[LayerKV],
-                    rows: torch.Tensor) -> None:
+                    rows: torch.Tensor, fused: list[Fused] | None = None) -> None:
     """:func:`prefill_shared` for prefixes already made unique: ``uniq`` (U, n), row r's is ``inv[r]``."""
     U, n = uniq.shape
-    x = gpt.tok_emb(uniq) + gpt.pos_emb[:, :n]  # (U, n, C)
-    causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-    for layer, blk, qkv in zip(kv, gpt.blocks, fused_qkv(gpt), strict=True):
-        a = blk.attn
-        final = blk is gpt.blocks[-1]  # the last layer's outputs are not needed, only its keys/values
-        proj = _project(blk.ln1(x), qkv, gpt.cfg.n_head, keys_only=final)  # (U, n, 2 or 3, nh, hs)
-        k, v = proj[:, :, -2].transpose(1, 2), proj[:, :, -1].transpose(1, 2)  # (U, nh, n, hs)
+    causal = torch.ones(n, n, dtype=torch.bool, device=uniq.device).tril()
+
+    def attention(i: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        layer = kv[i]
         layer.k[rows, :, :n] = k.index_select(0, inv).to(layer.k.dtype)
         layer.v[rows, :, :n] = v.index_select(0, inv).to(layer.v.dtype)
-        if not final:
-            y = attend(proj[:, :, 0].transpose(1, 2), k, v, causal)
-            x = x + a.proj(y.transpose(1, 2).reshape(x.shape))
-            x = x + blk.mlp(blk.ln2(x))
+        return None if q is None else attend(q, k, v, causal)
+    gpt.run(gpt.embed(uniq), attention, fused, outputs=False)  # the last layer: keys/values only
 
 
-def forward_windows(gpt: GPT, seq: torch.Tensor, lc: int) -> torch.Tensor:
+def forward_windows(gpt: GPT, seq: torch.Tensor, lc: int, fused: list[Fused] | None = None) -> torch.Tensor:
     """Logits (N, V) of the last position of windows ``seq`` (N, T) whose first ``lc`` tokens are
     conditioning: :func:`forward_last`'s result, with the conditioning's keys/values shared
     between windows that have the same conditioning (:func:`prefill_shared`)."""
     N, T = seq.shape
     shared = lc - 1  # the last conditioning position's output may be the one read: not shared
     if shared < 1:
-        return forward_last(gpt, seq)
+        return forward_last(gpt, seq, fused)
     uniq, inv = torch.unique(seq[:, :shared], dim=0, return_inverse=True)
     if len(uniq) > 0.75 * N:  # little to share (low-resolution images rarely repeat): the plain way is cheaper
-        return forward_last(gpt, seq)
+        return forward_last(gpt, seq, fused)
     kv = new_caches(gpt, N, T + 1)  # + a scratch slot (forward_rows)
-    _prefill_unique(gpt, uniq, inv, kv, torch.arange(N, device=seq.device))
+    _prefill_unique(gpt, uniq, inv, kv, torch.arange(N, device=seq.device), fused)
     start = torch.full((N,), shared, device=seq.device)
-    return forward_rows(gpt, seq[:, shared:], start, T - shared - 1, kv)
+    return forward_rows(gpt, seq[:, shared:], start, T - shared - 1, kv, fused=fused)
 
 
 class PrefixStore:
@@ -231,22 +197,24 @@ class PrefixStore:
     300 distinct 8x8 label crops among its 832 ``fast`` windows, so each is computed once, in
     large batches, and copied into a window's cache when the window starts."""
 
-    def __init__(self, gpt: GPT, uniq: torch.Tensor, index: torch.Tensor, chunk: int):
+    def __init__(self, gpt: GPT, uniq: torch.Tensor, index: torch.Tensor, chunk: int,
+                 fused: list[Fused] | None = None):
         U, n = uniq.shape
         self.layers = new_caches(gpt, U, n)
         self.index, self.n = index, n
         for c0 in range(0, U, chunk):  # already distinct: no second torch.unique
             rows = torch.arange(c0, min(c0 + chunk, U), device=uniq.device)
-            _prefill_unique(gpt, uniq[rows], torch.arange(len(rows), device=uniq.device), self.layers, rows)
+            _prefill_unique(gpt, uniq[rows], torch.arange(len(rows), device=uniq.device), self.layers, rows, fused)
 
     @classmethod
-    def build(cls, gpt: GPT, prefixes: torch.Tensor, room: float, chunk: int) -> PrefixStore | None:
+    def build(cls, gpt: GPT, prefixes: torch.Tensor, room: float, chunk: int,
+              fused: list[Fused] | None = None) -> PrefixStore | None:
         """A store for ``prefixes`` (M, n), or None when its keys/values would not fit in
         ``room`` bytes (the caller then shares prefixes within each step only)."""
         uniq, index = torch.unique(prefixes, dim=0, return_inverse=True)
         if len(uniq) * cache_bytes(gpt, prefixes.shape[1], element_size(gpt)) > room:
             return None
-        return cls(gpt, uniq, index, max(chunk, 1))
+        return cls(gpt, uniq, index, max(chunk, 1), fused)
 
     def copy_to(self, kv: list[LayerKV], rows: torch.Tensor, which: torch.Tensor) -> None:
         """Positions 0..n-1 of cache rows ``rows`` get the keys/values of prefixes ``which``."""

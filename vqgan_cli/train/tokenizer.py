@@ -27,7 +27,6 @@ from vqgan_cli.data import DataConfig, build_dataset, collate, model_input
 from vqgan_cli.data.dataset import VAL_SEED_BASE
 from vqgan_cli.data.landscapes import render_landscape
 from vqgan_cli.data.transforms import image_to_tensor
-from vqgan_cli.evaluate.tokenizer import validate
 from vqgan_cli.images import displayable, save_grid
 from vqgan_cli.models.config import TokenizerConfig
 from vqgan_cli.models.vqgan import VQGAN
@@ -39,6 +38,7 @@ from vqgan_cli.train.loggers import RunLog
 from vqgan_cli.train.losses import LossConfig, TokenizerLoss
 from vqgan_cli.train.optim import grad_scaler, learning_rate, optimizer_step, scheduled_lr
 from vqgan_cli.train.stream import BatchStream
+from vqgan_cli.train.validation import validate
 
 
 @dataclass

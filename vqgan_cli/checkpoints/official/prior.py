@@ -22,7 +22,6 @@ import torch
 from vqgan_cli.checkpoints.format import CheckpointError
 from vqgan_cli.checkpoints.official.common import get_param, mismatch, need, split_prefix, strict_load, target_name
 from vqgan_cli.checkpoints.official.tokenizer import DEFAULT_RESOLUTION, build_tokenizer, first_difference
-from vqgan_cli.checkpoints.resolve import CONFIG_HINT
 from vqgan_cli.models.gpt import GPT, GPTConfig
 from vqgan_cli.models.permuter import PERMUTERS, build_permuter
 from vqgan_cli.models.prior import CondConfig, Prior, PriorConfig, StoredOrder
@@ -33,6 +32,10 @@ _PERMUTER_NAMES = {"Identity": "identity", "AlternateParsing": "alternate", "ZCu
                    "Subsample": "subsample", "SpiralIn": "spiral_in", "SpiralOut": "spiral_out",
                    "Random": "random"}
 _P = "model.params"
+
+# Where an official model's YAML lives, for the errors that need a setting only the YAML has.
+CONFIG_HINT = ("the release keeps it in the run folder as configs/<date>-project.yaml, beside "
+               "checkpoints/last.ckpt; pass it with `config` PATH")
 
 
 def is_transformer_state(state: dict[str, torch.Tensor]) -> bool:
