@@ -158,6 +158,7 @@ def test_completion_keeps_the_top_rows(ckpts, tmp_path) -> None:
     (["--size", "16x12", "--window", "fast", "--window-memory", "0.001"],
      "--window-memory 0.001 MiB cannot hold the fast window's caches"),
     (["--size", "16x12", "--window", "fast", "--segment", "4"], "--segment must be in [1, 3]"),
+    (["--size", "16x12", "--window", "fast", "--band-rows", "5"], "--band-rows must be in [1, 4]"),
 ])
 def test_bad_input_exits_2_before_sampling(ckpts, tmp_path, args, message) -> None:
     args = [str(ckpts["other"]) if a == "OTHER" else a for a in args]
@@ -311,3 +312,31 @@ def test_skip_existing_draws_again_the_images_saved_without_tokens(ckpts, tmp_pa
     assert "2 of 2 image(s) were already in" in " ".join(out.split()) and len(list(d.glob("*.npy"))) == 2
     assert sample(*common)[0] == 0
     assert not list(d.glob("*.npy")) and "tokens" not in json.loads((d / "0000_seed0.json").read_text())
+
+
+def test_one_token_tiles_draw_what_exact_draws(ckpts, tmp_path) -> None:
+    """``--segment 1 --band-rows 1``: every fast tile is one token with the reference's window."""
+    common = ("--prior", str(ckpts["labels"]), "--cond", str(ckpts["map10"]), "--size", "16x12", "--n", "2",
+              "--top-k", "8", "--save-tokens")
+    grids = {}
+    for name, extra in (("exact", ("--window", "exact")), ("tiles", ("--window", "fast", "--segment", "1",
+                                                                      "--band-rows", "1")),
+                        ("fast", ("--window", "fast"))):
+        code, out = sample(*common, *extra, "--out", str(tmp_path / name))
+        assert code == 0, out
+        grids[name] = [np.load(tmp_path / name / f"000{i}_seed{i}.tokens.npy") for i in range(2)]
+    assert all(np.array_equal(a, b) for a, b in zip(grids["exact"], grids["tiles"], strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(grids["exact"], grids["fast"], strict=True))
+    settings = json.loads((tmp_path / "tiles" / "0000_seed0.json").read_text())["settings"]
+    assert (settings["segment"], settings["band_rows"]) == (1, 1)
+
+
+def test_compiled_decoding_draws_the_eager_image(ckpts, tmp_path) -> None:
+    for name, flag in (("eager", "--no-compile"), ("compiled", "--compile")):
+        code, out = sample("--prior", str(ckpts["sos"]), "--n", "2", "--top-k", "8", flag,
+                           "--out", str(tmp_path / name))
+        assert code == 0, out
+    for i in range(2):
+        png = f"000{i}_seed{i}.png"
+        assert png_pixels(tmp_path / "eager" / png) == png_pixels(tmp_path / "compiled" / png)
+    assert json.loads((tmp_path / "compiled" / "0000_seed0.json").read_text())["settings"]["compile"] is True

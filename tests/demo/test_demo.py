@@ -26,7 +26,7 @@ from vqgan_cli.images import to_uint8
 from vqgan_cli.models.vqgan import VQGAN
 from vqgan_cli.sample.inputs import load_models
 from vqgan_cli.sample.plan import plan_sample
-from vqgan_cli.sample.request import SampleRequest
+from vqgan_cli.sample.request import SampleRequest, Scheme
 from vqgan_cli.sample.run import sample_batch
 from vqgan_cli.sample.tokens import SamplingOptions
 
@@ -225,8 +225,8 @@ def test_step_hook_reports_rows_and_tokens_without_changing_tokens(ckpts) -> Non
         def hook(grid: torch.Tensor, rows: int, tokens: int, seen: list = seen) -> None:
             seen.append((rows, tokens))
 
-        with_hook = sample_batch(models, plan, opts, [0], window, on_step=hook)
-        plain = sample_batch(models, plan, opts, [0], window)
+        with_hook = sample_batch(models, plan, opts, [0], Scheme(window), on_step=hook)
+        plain = sample_batch(models, plan, opts, [0], Scheme(window))
         assert torch.equal(with_hook, plain)
         rows, toks = zip(*seen, strict=True)
         assert list(rows) == sorted(rows) and list(toks) == sorted(toks)

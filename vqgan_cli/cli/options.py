@@ -26,6 +26,13 @@ Window = Annotated[str, typer.Option(help=(
     "window per tile of tokens: much faster, shifts each token's window; see the README)"))]
 Segment = Annotated[int | None, typer.Option(
     help="--window fast: tokens per row of a tile (1 .. crop width/2 + 1; default the widest)")]
+BandRows = Annotated[int | None, typer.Option(
+    help="--window fast: rows of a tile (1 .. crop height; default crop height - crop height//2); "
+         "--segment 1 --band-rows 1 draws exactly what --window exact draws")]
+Compile = Annotated[bool, typer.Option(help=(
+    "at the crop size: the cached decoding step under torch.compile (one graph; CUDA graphs on a GPU). "
+    "Compiling takes about 10 s per batch size on a CPU and saves a few hundred ms per image there, "
+    "so it is off by default (README: Performance)"))]
 WindowMemory = Annotated[float | None, typer.Option(help=(
     f"MiB for window batches and fast's caches (default {DEFAULT_MEMORY_MIB:g}); an error before "
     "sampling says when it is too small"))]

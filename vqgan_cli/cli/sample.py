@@ -10,6 +10,8 @@ import typer
 from vqgan_cli.cli.app import app
 from vqgan_cli.cli.guard import fail, invocation, note, run_guarded
 from vqgan_cli.cli.options import (
+    BandRows,
+    Compile,
     Decode,
     Device,
     OfficialYaml,
@@ -65,9 +67,11 @@ def sample_cmd(
     keep: Annotated[float, typer.Option(help="with --init: the top fraction of rows kept")] = 0.5,
     window: Window = DEFAULT_WINDOW,
     segment: Segment = None,
+    band_rows: BandRows = None,
     window_memory: WindowMemory = None,
     cache: Annotated[bool, typer.Option(
         help="key/value cache at the crop size (--no-cache: full forward per token)")] = True,
+    compile: Compile = False,
     precision: Precision = "auto",
     decode: Decode = "auto",
     save_tokens: SaveTokens = False,
@@ -104,6 +108,7 @@ def upscale_cmd(
         help="the YAML of an official .ckpt kept outside its run folder")] = None,
     window: Window = DEFAULT_WINDOW,
     segment: Segment = None,
+    band_rows: BandRows = None,
     window_memory: WindowMemory = None,
     precision: Precision = "auto",
     decode: Decode = "auto",

@@ -121,12 +121,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 def decode_step(gpt: GPT, fused: list[Fused], layers: list[LayerKV], positions: torch.Tensor,
-                idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+                idx: torch.Tensor, pos: torch.Tensor, then: Callable | None = None, *extra: object) -> torch.Tensor:
     """Logits (B, vocab) of one new token per row ``idx`` (B, 1) at position ``pos`` (a 0-d
     long tensor), through caches ``layers`` of fixed shape (B, nh, max_len, hs): the key/value
     write is an ``index_copy_`` at ``pos`` and the attention reads the whole buffer with a mask
     ``positions <= pos``, so nothing in it depends on ``pos`` as a Python number and one
-    compiled graph serves every step."""
+    compiled graph serves every step. ``then(logits, *extra)``, when given, runs inside the same
+    graph on the logits (a sampler's draw) and its result is returned instead."""
     allowed = (positions <= pos).view(1, 1, 1, -1)  # this step's row sees the cache up to its own position
     at = pos.view(1)
 
@@ -135,7 +136,8 @@ def decode_step(gpt: GPT, fused: list[Fused], layers: list[LayerKV], positions: 
         kv.k.index_copy_(2, at, k.to(kv.k.dtype))
         kv.v.index_copy_(2, at, v.to(kv.v.dtype))
         return None if q is None else attend(q, kv.k, kv.v, allowed)
-    return gpt.logits(gpt.run(gpt.embed(idx, pos), attention, fused))[:, -1]
+    logits = gpt.logits(gpt.run(gpt.embed(idx, pos), attention, fused))[:, -1]
+    return logits if then is None else then(logits, *extra)
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -174,14 +176,16 @@ class StaticDecoder:
         """Logits (B, t, vocab) of the first ``t`` tokens ``idx`` (B, t)."""
         return self.gpt.forward_cached(idx, self.cache, 0)
 
-    def step(self, idx: torch.Tensor, pos: int) -> torch.Tensor:
-        """Logits (B, vocab) of ``idx`` (B, 1) at position ``pos`` (after every earlier one).
+    def step(self, idx: torch.Tensor, pos: int, then: Callable | None = None, *extra: object) -> torch.Tensor:
+        """Logits (B, vocab) of ``idx`` (B, 1) at position ``pos`` (after every earlier one), or
+        ``then(logits, *extra)`` (:func:`decode_step`; compiled, in the same graph).
 
         Eager, the step reads the cache up to ``pos`` only (``GPT.forward_cached``: measured
         faster than the fixed-shape step run eagerly, which reads the whole buffer)."""
         if self._step is None:
-            return self.gpt.forward_cached(idx, self.cache, pos)[:, -1]
+            logits = self.gpt.forward_cached(idx, self.cache, pos)[:, -1]
+            return logits if then is None else then(logits, *extra)
         at = torch.tensor(pos, device=self.positions.device)
-        out = self._step(self.gpt, self.fused, self.cache.layers, self.positions, idx, at)
+        out = self._step(self.gpt, self.fused, self.cache.layers, self.positions, idx, at, then, *extra)
         self.cache.length = pos + 1
         return out

@@ -25,7 +25,7 @@ from vqgan_cli.sample.inputs import (
     parse_size,
     read_cond_map,
 )
-from vqgan_cli.sample.request import SampleRequest, UpscaleRequest
+from vqgan_cli.sample.request import SampleRequest, Scheme, UpscaleRequest
 from vqgan_cli.sample.tokens import SamplingError, SamplingOptions
 from vqgan_cli.sample.window import check_window
 
@@ -101,17 +101,16 @@ def _check_raster(prior: Prior, grid: tuple[int, int], crop: tuple[int, int], op
             f"{crop[1]}x{crop[0]} tokens can be sampled")
 
 
-def check_window_options(models: Models, plan: Plan, batch: int, guided: bool, window: str,
-                         segment: int | None, window_memory: float | None) -> None:
-    """The window scheme's checks (grid, segment, memory budget), before any sampling."""
+def check_window_options(models: Models, plan: Plan, batch: int, guided: bool, scheme: Scheme) -> None:
+    """The window scheme's checks (grid, tile, memory budget), before any sampling."""
     if plan.grid == plan.crop:
         return
     prior = models.prior
     fixed = 1 if prior.cond.kind in ("sos", "class") else None
     lc = fixed if fixed is not None else plan.crop[0] * plan.crop[1]
     try:
-        check_window(prior.gpt, lc, plan.grid, plan.crop, window, batch, guided, window_memory,
-                     segment, known=plan.known)
+        check_window(prior.gpt, lc, plan.grid, plan.crop, scheme.window, batch, guided, scheme.window_memory,
+                     scheme.segment, scheme.band_rows, plan.known)
     except SamplingError as e:
         raise SampleUsageError(str(e)) from None
 

@@ -18,6 +18,22 @@ from vqgan_cli.sample.window_forward import SAMPLING_PRECISIONS
 DECODE_MODES = ("auto", "whole", "tiles")
 
 
+@dataclass(frozen=True)
+class Scheme:
+    """How tokens are computed, not which: the window scheme and ``fast``'s tile (``segment``
+    columns x ``band_rows`` rows), the memory bound, and at the crop size the key/value cache
+    and its compiled step (``compile``: about 10 s of compilation once per batch size and length
+    on a CPU for a few hundred ms saved per image; see the README)."""
+
+    window: str = DEFAULT_WINDOW
+    segment: int | None = None
+    band_rows: int | None = None
+    window_memory: float | None = None
+    cache: bool = True
+    compile: bool = False
+    precision: str = "fp32"
+
+
 @dataclass
 class DrawSettings:
     """The settings ``sample`` and ``upscale`` share."""
@@ -32,6 +48,8 @@ class DrawSettings:
     top_p: float | None = None
     window: str = DEFAULT_WINDOW
     segment: int | None = None  # fast's tile width; None: the widest that keeps the context
+    band_rows: int | None = None  # fast's tile height; None: the tallest that keeps the context
+    compile: bool = False  # the crop-size decoding step under torch.compile (see Scheme)
     window_memory: float | None = None
     precision: str = "auto"  # auto | fp32 | bf16: see vqgan_cli.runtime
     decode: str = "auto"
@@ -56,6 +74,10 @@ class DrawSettings:
 
     def _own_problems(self) -> list[str]:
         return []
+
+    def scheme(self, precision: str, cache: bool = True) -> Scheme:
+        """How tokens are computed, with the precision ``auto`` resolved to."""
+        return Scheme(self.window, self.segment, self.band_rows, self.window_memory, cache, self.compile, precision)
 
     def sampling_options(self, n_tokens: int, cfg_scale: float = 1.0) -> SamplingOptions:
         """How each token is drawn, checked against the image vocabulary."""

@@ -25,7 +25,6 @@ from vqgan_cli.data.transforms import image_to_tensor
 from vqgan_cli.faults import ledger, stop_on_sigterm
 from vqgan_cli.images import save_grid, save_png
 from vqgan_cli.runtime import Precision, announce_precision
-from vqgan_cli.sample.choices import DEFAULT_WINDOW
 from vqgan_cli.sample.decode import decode_grid
 from vqgan_cli.sample.inputs import Models, SampleUsageError, checkpoint_hashes, load_models
 from vqgan_cli.sample.plan import (
@@ -36,7 +35,7 @@ from vqgan_cli.sample.plan import (
     reads_raster,
     sampling_options,
 )
-from vqgan_cli.sample.request import SampleRequest, UpscaleRequest
+from vqgan_cli.sample.request import SampleRequest, Scheme, UpscaleRequest
 from vqgan_cli.sample.tokens import SamplingOptions, make_generators, sample_sequence
 from vqgan_cli.sample.window import Conditioning, StepHook, precision_context, sample_window
 
@@ -64,10 +63,8 @@ def _fixed_cond(models: Models, classes: list[int | None]) -> torch.Tensor | Non
 
 @torch.no_grad()
 def sample_batch(models: Models, plan: Plan, opts: SamplingOptions, idx: list[int],
-                 window: str = DEFAULT_WINDOW, cache: bool = True, precision: str = "fp32",
-                 segment: int | None = None, window_memory: float | None = None,
-                 on_step: StepHook | None = None) -> torch.Tensor:
-    """Tokens (b, h, w) of the images ``idx`` of the plan. ``on_step``: progress hook
+                 scheme: Scheme = Scheme(), on_step: StepHook | None = None) -> torch.Tensor:
+    """Tokens (b, h, w) of the images ``idx`` of the plan, computed as ``scheme`` says. ``on_step``: progress hook
     (:data:`vqgan_cli.sample.window.StepHook`; at the crop size rows count only for raster order)."""
     prior = models.prior
     B, (h, w) = len(idx), plan.grid
@@ -93,8 +90,9 @@ def sample_batch(models: Models, plan: Plan, opts: SamplingOptions, idx: list[in
             def on_token(tok: torch.Tensor, pos: int) -> None:
                 buf[:, pos] = tok
                 on_step(buf.view(B, h, w), (pos + 1) // w if raster else 0, pos + 1 - n_known)
-        with precision_context(prior.gpt, precision):
-            seq = sample_sequence(prior.gpt, c, h * w, opts, gens, prefix, null, cached=cache, on_token=on_token)
+        with precision_context(prior.gpt, scheme.precision):
+            seq = sample_sequence(prior.gpt, c, h * w, opts, gens, prefix, null, cached=scheme.cache,
+                                  compiled=scheme.compile, on_token=on_token)
         return prior.unpermute(seq).reshape(B, h, w)
     cond = Conditioning(grid=spatial, fixed=fixed)
     if guided:
@@ -103,8 +101,8 @@ def sample_batch(models: Models, plan: Plan, opts: SamplingOptions, idx: list[in
         else:
             cond.null_fixed = prior.null_cond(B, 1)
     init = plan.init.expand(B, h, w) if plan.init is not None else torch.zeros(B, h, w, dtype=torch.long)
-    return sample_window(prior.gpt, cond, init.to(dev), plan.crop, opts, gens, plan.known, window,
-                         segment, precision=precision, memory_mib=window_memory, on_step=on_step)
+    return sample_window(prior.gpt, cond, init.to(dev), plan.crop, opts, gens, plan.known, scheme.window,
+                         scheme.segment, scheme.band_rows, scheme.precision, scheme.window_memory, on_step)
 
 
 def _sidecar(path: Path, data: dict[str, Any]) -> None:
@@ -143,8 +141,8 @@ def _keep_tokens(png: Path, grid: torch.Tensor, save: bool) -> dict[str, str]:
     return {"tokens": path.name}
 
 
-# settings that do not change image i
-_SAME_IMAGE = ("n", "batch_size", "grid", "command", "save_tokens")
+# settings that do not change image i (compiled decoding draws the eager tokens: tested)
+_SAME_IMAGE = ("n", "batch_size", "grid", "command", "save_tokens", "compile")
 
 
 def _finished(out: Path, name: str, settings: dict[str, Any], hashes: dict) -> bool:
@@ -197,8 +195,7 @@ def prepare(req: SampleRequest | UpscaleRequest, models: Models | None = None) -
         plan, batch = plan_sample(req, models, notes), req.batch_size
     else:
         plan, batch = plan_upscale(req, models, notes), 1
-    check_window_options(models, plan, min(batch, len(plan.seeds)), opts.guided, req.window,
-                         req.segment, req.window_memory)
+    check_window_options(models, plan, min(batch, len(plan.seeds)), opts.guided, req.scheme("fp32"))
     return Prepared(models, opts, plan, notes, precision)
 
 
@@ -231,8 +228,7 @@ def run_sample(req: SampleRequest, models: Models | None = None,
         for start in range(0, len(todo), req.batch_size):
             idx = todo[start:start + req.batch_size]
             t0 = time.perf_counter()
-            tokens = sample_batch(models, plan, opts, idx, req.window, req.cache, precision.name,
-                                  req.segment, req.window_memory, on_step)
+            tokens = sample_batch(models, plan, opts, idx, req.scheme(precision.name, req.cache), on_step)
             seconds += time.perf_counter() - t0
             for k, i in enumerate(idx):
                 pixels = decode_grid(models.tokenizer, tokens[k:k + 1], mode=req.decode).image[0].cpu()
@@ -273,8 +269,7 @@ def run_upscale(req: UpscaleRequest, models: Models | None = None,
     files, seconds = [], 0.0
     for i in range(req.n):
         t0 = time.perf_counter()
-        tokens = sample_batch(models, plan, opts, [i], req.window, True, precision.name, req.segment,
-                              req.window_memory, on_step)
+        tokens = sample_batch(models, plan, opts, [i], req.scheme(precision.name), on_step)
         seconds += time.perf_counter() - t0
         pixels = decode_grid(models.tokenizer, tokens, mode=req.decode).image[0].cpu()
         suffix = out.suffix or ".png"

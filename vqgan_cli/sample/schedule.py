@@ -161,7 +161,7 @@ def plan_windows(size: tuple[int, int], crop: tuple[int, int], known: torch.Tens
                             f"is {cw} tokens wide (longer segments lose the above-right context), "
                             f"got {segment}")
     if not 1 <= rows <= ch:
-        raise SamplingError(f"rows must be in [1, {ch}], got {rows}")
+        raise SamplingError(f"`band_rows` must be in [1, {ch}] (the crop height), got {rows}")
     kn = _known_np(known, size)
     steps = np.full((H, W), -1, dtype=np.int64)
     bands, segs = _bands(H, ch, rows), _segments(W, cw, segment)

@@ -175,13 +175,22 @@ def sample_sequence(gpt: GPT, cond: torch.Tensor, n_tokens: int, opts: SamplingO
     decoder = StaticDecoder(gpt, g.rows(B), Lc + n_tokens - 1, compiled)
     first = g.join(torch.cat((cond, tokens), 1),
                    None if null_cond is None else torch.cat((null_cond, tokens), 1))
-    logits = g.mix(decoder.prefill(first)[:, -1])
-    out = [tokens]
+    nxt = mix_and_draw(decoder.prefill(first)[:, -1], u[:, 0], g.scale, opts)
+    out = [tokens, nxt[:, None]]
     for step in range(start, n_tokens):
-        nxt = draw_tokens(logits, opts, u[:, step - start])[:, None]  # (B, 1)
-        out.append(nxt)
         if on_token is not None:
-            on_token(nxt[:, 0], step)
-        if step + 1 < n_tokens:
-            logits = g.mix(decoder.step(g.double(nxt), Lc + step))
+            on_token(nxt, step)
+        if step + 1 < n_tokens:  # feed this token, draw the next (one compiled graph when compiled)
+            nxt = decoder.step(g.double(nxt[:, None]), Lc + step, mix_and_draw, u[:, step + 1 - start],
+                               g.scale, opts)
+            out.append(nxt[:, None])
     return torch.cat(out, 1)
+
+
+def mix_and_draw(logits: torch.Tensor, u: torch.Tensor, scale: float, opts: SamplingOptions) -> torch.Tensor:
+    """Tokens (B,) from the model's logits (rows, V): guidance's mix when ``scale != 1`` (rows =
+    2B, conditional first), then :func:`draw_tokens` with the uniform numbers ``u`` (B,)."""
+    if scale != 1.0:
+        c, un = logits.float().chunk(2)
+        logits = un + scale * (c - un)
+    return draw_tokens(logits, opts, u)
