@@ -123,10 +123,7 @@ class Guided:
 
     def mix(self, logits: torch.Tensor) -> torch.Tensor:
         """(rows, V) -> (B, V) guided logits."""
-        if not self.doubled:
-            return logits
-        c, u = logits.float().chunk(2)
-        return u + self.scale * (c - u)
+        return mix(logits, self.scale)
 
     def full_last(self, seq: torch.Tensor) -> torch.Tensor:
         """Logits of the last position from a plain forward over ``seq`` (rows, T)."""
@@ -190,7 +187,13 @@ def sample_sequence(gpt: GPT, cond: torch.Tensor, n_tokens: int, opts: SamplingO
 def mix_and_draw(logits: torch.Tensor, u: torch.Tensor, scale: float, opts: SamplingOptions) -> torch.Tensor:
     """Tokens (B,) from the model's logits (rows, V): guidance's mix when ``scale != 1`` (rows =
     2B, conditional first), then :func:`draw_tokens` with the uniform numbers ``u`` (B,)."""
-    if scale != 1.0:
-        c, un = logits.float().chunk(2)
-        logits = un + scale * (c - un)
-    return draw_tokens(logits, opts, u)
+    return draw_tokens(mix(logits, scale), opts, u)
+
+
+def mix(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: rows (2B, V), conditional first, -> ``u + scale * (c - u)``
+    (B, V); ``scale == 1``: the logits as they are (no unconditional half)."""
+    if scale == 1.0:
+        return logits
+    c, u = logits.float().chunk(2)
+    return u + scale * (c - u)

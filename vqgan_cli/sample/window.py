@@ -64,7 +64,7 @@ from vqgan_cli.sample.schedule import (
     plan_windows,
     position_uniforms,
 )
-from vqgan_cli.sample.tokens import Guided, SamplingError, SamplingOptions, draw_tokens
+from vqgan_cli.sample.tokens import Guided, SamplingError, SamplingOptions, draw_tokens, mix
 from vqgan_cli.sample.window_forward import (
     PrefixStore,
     as_mib,
@@ -159,12 +159,9 @@ class _Batch:
         """Draw token ``offset`` of every unit (units shorter than that draw nothing) from
         logits (n * halves * B, V); write them into the grid; return them (n * halves * B,)."""
         n, B = len(units), self.B
-        logits = logits.view(n, self.halves, B, -1)
-        if self.halves == 2:
-            c, u = logits.float().unbind(1)
-            mixed = u + self.g.scale * (c - u)
-        else:
-            mixed = logits[:, 0]
+        # rows (unit, half, sample) -> (half, unit, sample): every conditional row first
+        halves_first = logits.view(n, self.halves, B, -1).transpose(0, 1).reshape(self.halves * n * B, -1)
+        mixed = mix(halves_first, self.g.scale).view(n, B, -1)
         live = [k for k, un in enumerate(units) if un.c0 + offset < un.c1]
         rows = torch.tensor([units[k].row for k in live])
         cols = torch.tensor([units[k].c0 + offset for k in live])
