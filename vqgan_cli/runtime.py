@@ -7,6 +7,8 @@ group (gloo on CPU, nccl on CUDA) with no other change to the command.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import random
 from collections.abc import Iterator
@@ -123,6 +125,49 @@ def broadcast_buffers(module: torch.nn.Module, rt: Runtime) -> None:
 def barrier(rt: Runtime) -> None:
     if rt.distributed:
         dist.barrier()
+
+
+class RankMismatch(ValueError):
+    """Ranks of one torchrun launch disagree (arguments, world size); exit 2, nothing written."""
+
+
+def my_share(n_items: int, rt: Runtime) -> list[int]:
+    """The items rank r handles: r, r + world, r + 2 world, ... A fixed, disjoint split that
+    depends only on the item count and the world size, so a resumed run with the same world size
+    gives every rank the same items again."""
+    return list(range(rt.rank, n_items, rt.world_size))
+
+
+def check_same_arguments(rt: Runtime, arguments: dict, what: str) -> None:
+    """Stop every rank with a clear error when some rank was started with other ``arguments``
+    (a JSON-able dict of the command's settings) than rank 0: their outputs would not fit
+    together. A no-op in one process."""
+    if not rt.distributed:
+        return
+    digest = hashlib.sha256(json.dumps(arguments, sort_keys=True, default=str).encode()).hexdigest()
+    seen: list[str | None] = [None] * rt.world_size
+    dist.all_gather_object(seen, digest)
+    differ = [r for r, d in enumerate(seen) if d != seen[0]]
+    if differ:
+        ranks = ", ".join(map(str, differ))
+        raise RankMismatch(f"{what}: rank(s) {ranks} were started with other arguments than rank 0; "
+                           "start every rank with the same command line")
+
+
+def gather_rows(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Every rank's rows of ``t`` (n_r, ...) concatenated in rank order, on every rank (ranks may
+    hold different numbers of rows). In one process: ``t`` itself."""
+    if not rt.distributed:
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    counts = [torch.zeros_like(n) for _ in range(rt.world_size)]
+    dist.all_gather(counts, n)
+    most = int(max(c.item() for c in counts))
+    padded = t.new_zeros((most, *t.shape[1:]))
+    padded[:t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(rt.world_size)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:int(c.item())] for p, c in zip(parts, counts, strict=True)])
 
 
 @contextlib.contextmanager

@@ -94,7 +94,7 @@ def run_guarded(fn: Callable[[], T], setting: str = "--out") -> T:
     from vqgan_cli.encode import EncodeUsageError
     from vqgan_cli.evaluate.inception import EvaluationError
     from vqgan_cli.models.lpips import PerceptualWeightsMissing
-    from vqgan_cli.runtime import PrecisionError
+    from vqgan_cli.runtime import PrecisionError, RankMismatch
     from vqgan_cli.sample.inputs import SampleUsageError
     from vqgan_cli.sample.tokens import SamplingError
     from vqgan_cli.shards.format import ShardError
@@ -111,7 +111,7 @@ def run_guarded(fn: Callable[[], T], setting: str = "--out") -> T:
     try:
         return fn()
     except (ConfigError, PerceptualWeightsMissing, CheckpointError, FileNotFoundError, EncodeUsageError,
-            SampleUsageError, SamplingError, EvaluationError, PrecisionError,
+            SampleUsageError, SamplingError, EvaluationError, PrecisionError, RankMismatch,
             ImportError) as e:  # ImportError: an extra
         raise stop(e, str(e), 2) from None
     except (DataError, TrainingError, ShardError) as e:
