@@ -23,7 +23,7 @@ InceptionOpt = Annotated[Path | None, typer.Option(
 
 def _run(job: Callable[[], Any], title: str) -> None:
     """Run one evaluation job under the CLI's error boundary (a bad value: exit 2), then print
-    its table, notes, warnings and the files it wrote."""
+    its table, notes, warnings and the files it wrote (under torchrun: rank 0 only)."""
     from rich.table import Table
 
     def go() -> Any:
@@ -33,6 +33,8 @@ def _run(job: Callable[[], Any], title: str) -> None:
             raise stop(e, str(e), 2) from None
 
     done = run_guarded(go)
+    if not done.main:
+        return
     t = Table(title=title)
     t.add_column("metric")
     t.add_column("value", justify="right")

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 
 def _report(title: str, r: SampleReport) -> None:
+    if not r.shown:  # a torchrun rank other than 0: rank 0 speaks for the launch
+        return
     for text in r.notes:
         note(text)
     console.print(summary_table(title, {
@@ -50,7 +52,9 @@ def sample_cmd(
         help="prior checkpoint (.safetensors), an official transformer .ckpt or its run folder")],
     tokenizer: Tokenizer = None,
     config: OfficialYaml = None,
-    n: Annotated[int, typer.Option("--n", help="images to draw (per class with several --class)")] = 4,
+    n: Annotated[int, typer.Option("--n", "--num-images", help=(
+        "images to draw (per class with several --class); under torchrun write --num-images, which "
+        "torchrun does not mistake for its own options"))] = 4,
     batch_size: Annotated[int, typer.Option(help="images sampled together")] = 4,
     seed: Seed = 0,
     temperature: Temperature = 1.0,
@@ -98,7 +102,8 @@ def upscale_cmd(
     scale: Annotated[int, typer.Option(help="output size = S x input size")] = 4,
     out: Annotated[Path, typer.Option(
         help="output PNG (with --n > 1: OUT_ii_seedS.png)")] = Path("upscaled.png"),
-    n: Annotated[int, typer.Option("--n", help="variants to draw")] = 1,
+    n: Annotated[int, typer.Option("--n", "--num-images", help=(
+        "variants to draw (under torchrun write --num-images)"))] = 1,
     seed: Seed = 0,
     temperature: Temperature = 1.0,
     top_k: TopK = None,

@@ -56,7 +56,8 @@ def encode_dataset_cmd(
     verify: Annotated[Path | None, typer.Option(
         help="same as `vqgan verify-shards DIR` (kept for scripts written before it)")] = None,
 ) -> None:
-    """Encode a data set into token shards for stage two. Re-running the same command resumes."""
+    """Encode a data set into token shards for stage two. Re-running the same command resumes.
+    Under torchrun (--nproc_per_node N) the ranks share the shards and write the same folder."""
     from vqgan_cli.encode import EncodeOptions, encode_dataset
 
     if verify is not None:
@@ -70,7 +71,8 @@ def encode_dataset_cmd(
         return encode_dataset(opts)
 
     result = run_guarded(go)
-    console.print(summary_table("encode-dataset summary", result.summary()))
+    if result.main:  # under torchrun: rank 0 speaks for the merged folder
+        console.print(summary_table("encode-dataset summary", result.summary()))
 
 
 @app.command("verify-shards", rich_help_panel="Data")

@@ -6,7 +6,8 @@ folder: :mod:`vqgan_cli.shards.verify`).
 
 Modules: ``inputs`` (items, maps, labels, per-item preparation), ``loader`` (batches for the
 encoder), ``models`` (tokenizers and the conditioning stage), ``store`` (manifest, crash-safe
-commits, resume), ``runner`` (the command itself).
+commits, resume), ``ranks`` (the shards split over torchrun processes), ``runner`` (the command
+itself).
 """
 
 from vqgan_cli.encode.inputs import EncodeUsageError

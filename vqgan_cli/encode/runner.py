@@ -4,6 +4,7 @@ Shard ``s`` covers input items ``[s * shard_size, (s + 1) * shard_size)`` and is
 own first item, so its bytes depend on nothing but those items: a resumed run (which restarts at
 the first unrecorded shard) writes what an uninterrupted run writes. A shard holds fewer samples
 than ``shard_size`` when inputs were skipped; the manifest lists each skipped input with why.
+For the same reason torchrun ranks can share the shards and write what one process writes.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ from vqgan_cli.encode.inputs import (
 )
 from vqgan_cli.encode.loader import EncodeItems, collate_groups, shard_batches
 from vqgan_cli.encode.models import Cond, cond_tokens_of, load_for_encoding, setup_cond, tokens_of
-from vqgan_cli.encode.store import OutputFolder, open_output
+from vqgan_cli.encode.ranks import OtherRanks, finish_shared, idle_note, my_shards, open_shared
+from vqgan_cli.encode.store import OutputFolder
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.runtime import announce_precision, autocast, resolve_device
+from vqgan_cli.runtime import Runtime, announce_precision, autocast, check_same_arguments, setup_runtime, shutdown
 from vqgan_cli.shards.format import MANIFEST_FORMAT, MANIFEST_VERSION, TokenSample, token_dtype
 
 
@@ -81,6 +83,7 @@ class EncodeResult(NamedTuple):
     images_per_s: float  # inputs per second of the encode loop (worker start-up included)
     grid: tuple[int, int] | None  # None with --keep-aspect (grids vary)
     vocab_size: int
+    main: bool = True  # False on torchrun ranks other than 0, which print nothing
 
     def summary(self) -> dict[str, object]:
         """What the command prints at the end, in reading order."""
@@ -158,17 +161,27 @@ def encode_dataset(opts: EncodeOptions, progress: bool = True) -> EncodeResult:
     """Encode ``opts.data`` into token shards under ``opts.out``, resuming what is already there.
 
     Every check (tokenizers, channels, source, maps, labels, output folder, a manifest of other
-    settings) runs before the first image is decoded; they raise EncodeUsageError.
+    settings) runs before the first image is decoded; they raise EncodeUsageError. Under torchrun
+    the ranks share the shards (:mod:`vqgan_cli.encode.ranks`); the folder ends the same.
     """
     started = time.perf_counter()
     _check_options(opts)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     try:
-        device = resolve_device(opts.device)
+        rt = setup_runtime(opts.device, opts.threads)
     except RuntimeError as e:
         raise EncodeUsageError(str(e)) from None
-    precision = announce_precision(opts.precision, device, key="--precision")
+    try:
+        return _run(opts, rt, progress and rt.is_main, started)
+    finally:
+        shutdown(rt)  # on every path: a process group left open aborts the process at exit
+
+
+def _run(opts: EncodeOptions, rt: Runtime, progress: bool, started: float) -> EncodeResult:
+    """encode_dataset in one process or one torchrun rank (``progress``: this one shows it)."""
+    check_same_arguments(rt, {k: v for k, v in dataclasses.asdict(opts).items() if k != "command"},
+                         "encode-dataset")
+    device = rt.device
+    precision = announce_precision(opts.precision, device, key="--precision", show=rt.is_main)
     tok, tok_info = load_for_encoding(opts.tokenizer, opts.config)
     ae = tok.config.autoencoder
     if tok.config.modality != "image" or ae.in_channels != 3:
@@ -185,12 +198,14 @@ def encode_dataset(opts: EncodeOptions, progress: bool = True) -> EncodeResult:
         pair_maps(items, opts.cond_data, opts.missing)
     labels = _label_table(items, opts)
     manifest = _manifest(opts, items, tok_info, cond, cond_desc, labels, size, device)
-    manifest["run"].update(precision.record())
-    folder, notes = open_output(Path(opts.out), manifest, opts.overwrite)
-    for n in notes:
-        console.print(f"[yellow]{n}[/]")
-
-    todo = [s for s in range(manifest["n_shards"]) if s not in folder.done]
+    manifest["run"].update(precision.record(), world_size=rt.world_size)
+    check_same_arguments(rt, manifest["identity"], "encode-dataset (the inputs, tokenizers and settings "
+                         "each rank found)")
+    folder, notes = open_shared(Path(opts.out), manifest, opts.overwrite, rt)
+    for n in [*notes, idle_note(folder, rt) if rt.is_main else None]:
+        if n:
+            console.print(f"[yellow]{escape(n)}[/]")
+    todo = my_shards(folder, rt)
     map_kind = {"seg": "seg", "labels": "seg", "depth": "depth"}.get(cond.kind) if cond else None
     prep = Prepare(size, opts.keep_aspect, tok.factor, map_kind, cond.lowres if cond else None,
                    cond.n_labels if cond else None, opts.label_shift)
@@ -198,25 +213,29 @@ def encode_dataset(opts: EncodeOptions, progress: bool = True) -> EncodeResult:
     if cond is not None and cond.model is not None:
         cond.model.to(device).eval()
     done_items = sum(e["items"][1] - e["items"][0] for e in folder.manifest["shards"])
-    if todo and (warning := folder.space_warning(len(items) - done_items)):
+    if todo and rt.is_main and (warning := folder.space_warning(len(items) - done_items)):
         console.print(f"[yellow]warning:[/] {escape(warning)}")
-    encoded, rate = 0, 0.0
+    encoded, rate, others, t_loop = 0, 0.0, OtherRanks(folder, rt), time.perf_counter()
     if todo:
         encoded, rate = _encode_shards(folder, items, todo, prep, tok, cond, opts, device, progress,
-                                       done_items, precision.name)
-    folder.manifest["complete"] = True
-    folder.save()
+                                       done_items, precision.name, others)
+    encoded = finish_shared(folder, encoded, rt, others)
     m = folder.manifest
     grid = tuple(m["grid"]) if m["grid"] else None
+    if rt.distributed:  # all ranks' inputs over rank 0's loop and wait, as one process counts its loop
+        rate = encoded / max(time.perf_counter() - t_loop, 1e-9)
+    seconds = time.perf_counter() - started
     return EncodeResult(folder.out, len(m["shards"]), m["counts"]["samples"], m["counts"]["skipped"],
-                        encoded, time.perf_counter() - started, rate, grid, m["vocab_size"])  # type: ignore[arg-type]
+                        encoded, seconds, rate, grid, m["vocab_size"], rt.is_main)  # type: ignore[arg-type]
 
 
 def _encode_shards(folder: OutputFolder, items: list[InputItem], todo: list[int], prep: Prepare,
                    tok: VQGAN, cond: Cond | None, opts: EncodeOptions, device: torch.device,
-                   progress: bool, done_items: int, precision: str) -> tuple[int, float]:
-    """The encode loop over the shards still to do; returns (inputs processed, inputs/s). The
-    encoders run under ``precision``'s autocast; the quantizer's distances stay in float32."""
+                   progress: bool, done_items: int, precision: str,
+                   others: OtherRanks) -> tuple[int, float]:
+    """The encode loop over this process's shards still to do; returns (inputs processed,
+    inputs/s). The encoders run under ``precision``'s autocast; the quantizer's distances stay in
+    float32. ``others``: the other torchrun ranks (rank 0's bar shows their progress too)."""
     batches = shard_batches(todo, len(items), opts.shard_size, opts.batch_size)
     loader = DataLoader(EncodeItems(items, prep), batch_sampler=batches, num_workers=opts.workers,
                         collate_fn=collate_groups, pin_memory=device.type == "cuda")
@@ -262,11 +281,14 @@ def _encode_shards(folder: OutputFolder, items: list[InputItem], todo: list[int]
                     folder.commit(shard, writer, (shard * opts.shard_size, end), skipped)  # type: ignore[arg-type]
                     writer = None
                     left = len(items) - done_items - encoded
-                    if not folder.space_checked and (warning := folder.space_warning(left)):
+                    if progress and not folder.space_checked and (warning := folder.space_warning(left)):
                         console.print(f"[yellow]warning:[/] {escape(warning)}")
                 rate = encoded / max(time.perf_counter() - t0, 1e-9)
-                bar.update(done_items + encoded, rate, "img", f"shard {shard + 1}/{n_shards}")
+                bar.update(done_items + encoded + others.items(), rate, "img", f"shard {shard + 1}/{n_shards}")
         finally:
             if writer is not None:
                 writer.abort()
-    return encoded, encoded / max(time.perf_counter() - t0, 1e-9)
+        rate = encoded / max(time.perf_counter() - t0, 1e-9)
+        others.wait(lambda n: bar.update(done_items + encoded + n, rate, "img",
+                                         f"waiting for the other ranks ({n} of their inputs done)"))
+    return encoded, rate

@@ -10,6 +10,10 @@ On restart a recorded shard whose file is missing but whose partial matches the 
 sha256 is renamed into place (the crash fell between 2 and 3); every other partial is deleted
 and its shard encoded again. A recorded shard whose file no longer matches its sha256 (changed
 after encoding) is deleted and encoded again; shards that match are never rewritten.
+
+Under torchrun only rank 0 writes ``manifest.json``; during the encode loop each rank records
+step 2 in its own ``.progress-rank-NNNNN.json`` (same entries, written atomically), which rank 0
+folds into the manifest at the end, or at the start of the next run after a kill (``ranks``).
 """
 
 from __future__ import annotations
@@ -24,10 +28,20 @@ from pathlib import Path
 from vqgan_cli.checkpoints.format import atomic_write, file_sha256
 from vqgan_cli.encode.inputs import EncodeUsageError
 from vqgan_cli.faults import human_bytes, ledger, space_shortfall
-from vqgan_cli.shards.format import MANIFEST, SHARD_RE, ShardError, ShardWriter, load_manifest, shard_name
+from vqgan_cli.shards.format import (
+    MANIFEST,
+    RANK_RECORD_RE,
+    SHARD_RE,
+    ShardError,
+    ShardWriter,
+    load_manifest,
+    rank_record_name,
+    shard_name,
+)
 
 PARTIAL_RE = re.compile(r"^\.shard-(\d{6})\.tar\.partial$")
-LEFTOVER_RE = re.compile(r"^\.(manifest\.json\..*\.tmp|write-probe\..*)$")  # atomic_write temps, probes
+# atomic_write temps (of the manifest and of rank records), probes
+LEFTOVER_RE = re.compile(r"^\.(manifest\.json\..*\.tmp|progress-rank-\d+\.json\..*\.tmp|write-probe\..*)$")
 
 
 def partial_name(index: int) -> str:
@@ -62,10 +76,12 @@ def _fsync_dir(path: Path) -> None:
 class OutputFolder:
     """One shard folder and its manifest; all writes go through here."""
 
-    def __init__(self, out: Path, manifest: dict):
+    def __init__(self, out: Path, manifest: dict, rank: int | None = None):
         self.out = out
         self.manifest = manifest
         self.space_checked = False
+        self.rank = rank  # set under torchrun: commits go to this rank's record, not the manifest
+        self.committed: list[dict] = []  # this process's entries (the rank record's content)
 
     @property
     def done(self) -> set[int]:
@@ -107,6 +123,14 @@ class OutputFolder:
                       if n else f"no shard is finished yet in {self.out}",
                       "re-run the same command: it resumes at the first missing shard")
 
+    def save_rank_record(self) -> None:
+        """Step 2 under torchrun: this rank's committed entries, replaced atomically."""
+        text = json.dumps({"rank": self.rank, "shards": self.committed}, indent=1) + "\n"
+        atomic_write(self.out / rank_record_name(self.rank or 0), lambda p: p.write_text(text))
+        ledger.record(f"{len(self.committed)} shard(s) this rank finished, recorded in "
+                      f"{self.out / rank_record_name(self.rank or 0)}, are intact",
+                      "re-run the same command: it merges the ranks' records and encodes the missing shards")
+
     def writer(self, index: int) -> ShardWriter:
         return ShardWriter(self.out / partial_name(index))
 
@@ -117,7 +141,11 @@ class OutputFolder:
         entry = {"index": index, "name": shard_name(index), "count": writer.count, "sha256": sha,
                  "bytes": partial.stat().st_size, "items": list(items), "skipped": skipped}
         self.manifest["shards"] = [e for e in self.manifest["shards"] if e["index"] != index] + [entry]
-        self.save()
+        self.committed.append(entry)
+        if self.rank is None:
+            self.save()
+        else:
+            self.save_rank_record()
         os.replace(partial, self.out / shard_name(index))
         _fsync_dir(self.out)
         return entry
@@ -149,8 +177,31 @@ class OutputFolder:
                     or (SHARD_RE.match(p.name) and p.name not in recorded):
                 p.unlink()
         self.save()
+        drop_rank_records(self.out)  # after the save: their entries are in the manifest now
         _fsync_dir(self.out)
         return notes
+
+
+def merge_rank_records(out: Path, manifest: dict) -> list[str]:
+    """Fold the entries that torchrun ranks recorded into ``manifest`` (at the end of a launch,
+    or at the start of the run after a killed one); returns notes on unreadable records."""
+    notes, entries = [], {}
+    for p in sorted(out.iterdir()):
+        if not RANK_RECORD_RE.match(p.name):
+            continue
+        try:
+            entries.update({int(e["index"]): e for e in json.loads(p.read_text())["shards"]})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            notes.append(f"{p.name} is unreadable ({e}): the shards it recorded are encoded again")
+    manifest["shards"] = [e for e in manifest["shards"] if int(e["index"]) not in entries] + list(entries.values())
+    return notes
+
+
+def drop_rank_records(out: Path) -> None:
+    """Delete the rank records once the manifest holds their entries."""
+    for p in out.iterdir():
+        if RANK_RECORD_RE.match(p.name):
+            p.unlink(missing_ok=True)
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -170,7 +221,8 @@ def clear(out: Path) -> None:
         return
     (out / MANIFEST).unlink(missing_ok=True)  # first: a half-cleared folder is never resumed
     for p in out.iterdir():
-        if p.name == MANIFEST or any(rx.match(p.name) for rx in (SHARD_RE, PARTIAL_RE, LEFTOVER_RE)):
+        if p.name == MANIFEST or any(rx.match(p.name)
+                                     for rx in (SHARD_RE, PARTIAL_RE, LEFTOVER_RE, RANK_RECORD_RE)):
             p.unlink() if p.is_file() else shutil.rmtree(p)
 
 
@@ -198,8 +250,9 @@ def open_output(out: Path, manifest: dict, overwrite: bool) -> tuple[OutputFolde
                 f"{out} holds shards made with a different tokenizer or settings:\n  - "
                 + "\n  - ".join(diffs) + "\nuse another `out`, or `overwrite` to start over")
         old["command"], old["run"] = manifest["command"], manifest["run"]
+        notes = merge_rank_records(out, old)
         folder = OutputFolder(out, old)
-        return folder, folder.recover()
+        return folder, notes + folder.recover()
     strays = sorted(p.name for p in out.iterdir() if SHARD_RE.match(p.name))
     if strays:
         raise EncodeUsageError(f"{out}: holds {strays[0]} (and {len(strays) - 1} more) but no {MANIFEST}; "

@@ -6,12 +6,19 @@ same stem holding every setting and the checkpoints' hashes, so one image can be
 alone (``--seed S --n 1``). On the CPU in float32 the same command and seed write
 byte-identical PNGs. With ``save_tokens`` its token grid is kept too, as ``NAME.tokens.npy``
 (int64, rows x cols, named in the sidecar's ``tokens``), to be decoded again without sampling.
+
+Under torchrun (``torchrun --nproc_per_node N vqgan sample ...``) image ``i`` is drawn by rank
+``i % N`` on that rank's device (its local GPU on CUDA), batched within the rank's share: seeds
+belong to images, not to batches or ranks, so the files are those of one process. The ranks first
+check that they were started alike; rank 0 alone reports, shows progress and writes the grid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,10 +28,21 @@ import torch
 from PIL import Image
 
 from vqgan_cli.checkpoints.format import atomic_write
+from vqgan_cli.console import TrainProgress
 from vqgan_cli.data.transforms import image_to_tensor
 from vqgan_cli.faults import ledger, stop_on_sigterm
 from vqgan_cli.images import save_grid, save_png
-from vqgan_cli.runtime import Precision, announce_precision
+from vqgan_cli.runtime import (
+    Precision,
+    Runtime,
+    announce_precision,
+    barrier,
+    check_same_arguments,
+    gather_rows,
+    my_share,
+    setup_runtime,
+    shutdown,
+)
 from vqgan_cli.sample.decode import decode_grid
 from vqgan_cli.sample.inputs import Models, SampleUsageError, checkpoint_hashes, load_models
 from vqgan_cli.sample.plan import (
@@ -49,6 +67,7 @@ class SampleReport(NamedTuple):
     tokens: int  # tokens drawn (all images)
     seconds: float  # sampling only (no loading, no decoding)
     notes: list[str]
+    shown: bool = True  # False on torchrun ranks other than 0: the command line prints nothing there
 
 
 def _fixed_cond(models: Models, classes: list[int | None]) -> torch.Tensor | None:
@@ -180,16 +199,18 @@ class Prepared(NamedTuple):
     precision: Precision  # what ``req.precision`` resolved to on the models' device
 
 
-def prepare(req: SampleRequest | UpscaleRequest, models: Models | None = None) -> Prepared:
+def prepare(req: SampleRequest | UpscaleRequest, models: Models | None = None,
+            device: torch.device | None = None, show: bool = True) -> Prepared:
     """Everything before the first token: the request's own checks, the models, the precision,
-    the sampling options and the plan, each checked against the others."""
+    the sampling options and the plan, each checked against the others. ``device``: where to load
+    the models (default: ``req.device`` resolved); ``show``: print the precision (one rank does)."""
     from vqgan_cli.runtime import resolve_device
 
     req.check()
     notes: list[str] = []
-    models = models or load_models(req.prior, req.tokenizer, resolve_device(req.device), req.config, notes)
+    models = models or load_models(req.prior, req.tokenizer, device or resolve_device(req.device), req.config, notes)
     precision = announce_precision(req.precision, models.prior.gpt.head.weight.device, training=False,
-                                   key="--precision")
+                                   key="--precision", show=show)
     opts = sampling_options(req, models)
     if isinstance(req, SampleRequest):
         plan, batch = plan_sample(req, models, notes), req.batch_size
@@ -199,11 +220,55 @@ def prepare(req: SampleRequest | UpscaleRequest, models: Models | None = None) -
     return Prepared(models, opts, plan, notes, precision)
 
 
+@contextlib.contextmanager
+def _ranks(req: SampleRequest | UpscaleRequest, models: Models | None, what: str) -> Iterator[Runtime]:
+    """This process's place in a torchrun launch (one process without one): every rank must have
+    been started alike before any model work, and the process group is left on every way out (a
+    process that exits inside one aborts). Models handed in (the demo) mean one process."""
+    rt = setup_runtime(req.device) if models is None else Runtime(models.prior.gpt.head.weight.device)
+    try:
+        check_same_arguments(rt, asdict(req), what)
+        yield rt
+    finally:
+        shutdown(rt)
+
+
+def _slowest(seconds: float, rt: Runtime) -> float:
+    """The longest sampling time of any rank, i.e. the launch's; being a collective, it also returns
+    only once every rank has written all of its files."""
+    return float(gather_rows(torch.tensor([seconds], dtype=torch.float64, device=rt.device), rt).max())
+
+
+def _progress(rt: Runtime, show: bool, mine: int, start: int, total: int) -> TrainProgress:
+    """One bar, on rank 0, over its own share (the others draw as many, give or take one)."""
+    what = f"sample (rank 0's {mine} of {total} images)" if rt.distributed else "sample"
+    return TrainProgress(mine, start, what, show and rt.is_main)
+
+
+def _grid(path: Path, files: list[Path], pictures: dict[int, torch.Tensor]) -> Path:
+    """All images side by side; those not decoded here (skipped, or another rank's) are read back
+    from their PNGs, which hold the same 8-bit pixels."""
+    for i, file in enumerate(files):
+        if i not in pictures:
+            with Image.open(file) as im:
+                pictures[i] = image_to_tensor(np.asarray(im.convert("RGB")))
+    return save_grid(path, [torch.stack([pictures[i] for i in sorted(pictures)])])
+
+
 def run_sample(req: SampleRequest, models: Models | None = None,
                on_step: StepHook | None = None) -> SampleReport:
-    """The whole ``vqgan sample``: check, sample in batches, decode, write images and sidecars.
-    ``on_step``: progress hook passed to every batch (the demo's partial images and Stop)."""
-    models, opts, plan, notes, precision = prepare(req, models)
+    """The whole ``vqgan sample``: check, sample in batches, decode, write images and sidecars;
+    under torchrun this rank's share of them. ``on_step``: progress hook passed to every batch
+    (the demo's partial images and Stop)."""
+    with _ranks(req, models, "vqgan sample") as rt:
+        return _sample_share(req, models, on_step, rt)
+
+
+def _sample_share(req: SampleRequest, models: Models | None, on_step: StepHook | None,
+                  rt: Runtime) -> SampleReport:
+    """:func:`run_sample` on this rank: its images, and on rank 0 the launch's report and grid."""
+    bar_shown = models is None and on_step is None  # callers with their own models show their own progress
+    models, opts, plan, notes, precision = prepare(req, models, rt.device, rt.is_main)
     hashes = checkpoint_hashes(models)
     out = Path(req.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,18 +278,22 @@ def run_sample(req: SampleRequest, models: Models | None = None,
     settings = {**{k: v for k, v in asdict(req).items() if k != "skip_existing"}, "precision_used": precision.name}
     names = [f"{i:04d}{'' if c is None else f'_class{c}'}_seed{s}" for i, (s, c) in
              enumerate(zip(plan.seeds, plan.classes, strict=True))]
+    # every rank looks at every image (the same refusal everywhere), and before any rank writes
     done = {i for i, name in enumerate(names) if req.skip_existing and _finished(out, name, settings, hashes)}
-    todo = [i for i in range(len(names)) if i not in done]
-    written = len(done)
+    barrier(rt)
+    mine = my_share(len(names), rt)
+    todo = [i for i in mine if i not in done]
+    written = len(mine) - len(todo)
+    share = f" (rank {rt.rank}'s share of {len(names)})" if rt.distributed else ""
 
     def record() -> None:  # what Ctrl-C or SIGTERM would leave (cli.run_guarded reports it)
-        ledger.record(f"{written} of {len(names)} image(s) in {out}, each with its JSON sidecar",
-                      f"re-run the same command with `skip_existing` to draw the other {len(names) - written}")
+        ledger.record(f"{written} of {len(mine)} image(s){share} in {out}, each with its JSON sidecar",
+                      f"re-run the same command with `skip_existing` to draw the other {len(mine) - written}")
 
     record()
     pictures: dict[int, torch.Tensor] = {}
     seconds = 0.0
-    with stop_on_sigterm():
+    with stop_on_sigterm(), _progress(rt, bar_shown, len(mine), written, len(names)) as bar:
         for start in range(0, len(todo), req.batch_size):
             idx = todo[start:start + req.batch_size]
             t0 = time.perf_counter()
@@ -240,45 +309,58 @@ def run_sample(req: SampleRequest, models: Models | None = None,
                 save_png(out / f"{names[i]}.png", pixels)
                 written += 1
                 record()
-                if req.grid:
+                if req.grid and rt.is_main:
                     pictures[i] = pixels
+            bar.update(written, (written - len(mine) + len(todo)) / max(seconds, 1e-9), "images", "")
+    seconds = _slowest(seconds, rt)  # after it every rank's images are on disk
     if done:
         notes.append(f"`skip_existing`: {len(done)} of {len(names)} image(s) were already in {out}; "
-                     f"drew the other {len(todo)}")
+                     f"drew the other {len(names) - len(done)}")
+    if rt.distributed:
+        notes.append(f"{rt.world_size} torchrun ranks drew image i on rank i % {rt.world_size}; the sampling "
+                     "time is the slowest rank's")
     files = [out / f"{name}.png" for name in names]
     grid_path = None
-    if req.grid:
-        for i in done:
-            with Image.open(files[i]) as im:
-                pictures[i] = image_to_tensor(np.asarray(im.convert("RGB")))
-        grid_path = save_grid(out / f"grid_seed{req.seed}.png", [torch.stack([pictures[i] for i in sorted(pictures)])])
+    if req.grid and rt.is_main:
+        grid_path = _grid(out / f"grid_seed{req.seed}.png", files, pictures)
     kept = int(plan.known.sum()) if plan.known is not None else 0
     n_drawn = len(plan.seeds) * (h * w - kept)
-    return SampleReport(files, grid_path, (w * f, h * f), n_drawn, seconds, notes)
+    return SampleReport(files, grid_path, (w * f, h * f), n_drawn, seconds, notes, rt.is_main)
 
 
 def run_upscale(req: UpscaleRequest, models: Models | None = None,
                 on_step: StepHook | None = None) -> SampleReport:
-    """The whole ``vqgan upscale``: one image in, ``n`` stochastic super-resolutions out.
-    ``on_step``: progress hook (as for :func:`run_sample`)."""
-    models, opts, plan, notes, precision = prepare(req, models)
+    """The whole ``vqgan upscale``: one image in, ``n`` stochastic super-resolutions out; under
+    torchrun variant ``i`` on rank ``i % world``. ``on_step``: progress hook (as for :func:`run_sample`)."""
+    with _ranks(req, models, "vqgan upscale") as rt:
+        return _upscale_share(req, models, on_step, rt)
+
+
+def _upscale_share(req: UpscaleRequest, models: Models | None, on_step: StepHook | None,
+                   rt: Runtime) -> SampleReport:
+    """:func:`run_upscale` on this rank: its variants; rank 0's report names all of them."""
+    models, opts, plan, notes, precision = prepare(req, models, rt.device, rt.is_main)
     hashes = checkpoint_hashes(models)
     out = Path(req.out)
     f = models.tokenizer.factor
     h, w = plan.grid
-    files, seconds = [], 0.0
-    for i in range(req.n):
+    suffix = out.suffix or ".png"
+    files = [out if req.n == 1 else out.with_name(f"{out.stem}_{i:02d}_seed{plan.seeds[i]}{suffix}")
+             for i in range(req.n)]
+    seconds = 0.0
+    for i in my_share(req.n, rt):
         t0 = time.perf_counter()
         tokens = sample_batch(models, plan, opts, [i], req.scheme(precision.name), on_step)
         seconds += time.perf_counter() - t0
         pixels = decode_grid(models.tokenizer, tokens, mode=req.decode).image[0].cpu()
-        suffix = out.suffix or ".png"
-        path = out if req.n == 1 else out.with_name(f"{out.stem}_{i:02d}_seed{plan.seeds[i]}{suffix}")
+        path = files[i]
         saved = _keep_tokens(path, tokens[0], req.save_tokens)
         save_png(path, pixels)
         _sidecar(path.with_suffix(".json"), {
             "image": path.name, "index": i, "seed": plan.seeds[i], "size": [w * f, h * f],
             "grid": [h, w], "crop": list(plan.crop), "settings": {**asdict(req), "precision_used": precision.name},
             "checkpoints": hashes, "notes": notes, **saved})
-        files.append(path)
-    return SampleReport(files, None, (w * f, h * f), req.n * h * w, seconds, notes)
+    seconds = _slowest(seconds, rt)
+    if rt.distributed:
+        notes.append(f"{rt.world_size} torchrun ranks drew variant i on rank i % {rt.world_size}")
+    return SampleReport(files, None, (w * f, h * f), req.n * h * w, seconds, notes, rt.is_main)

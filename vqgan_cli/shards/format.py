@@ -15,7 +15,12 @@ interrupted and resumed encode ends with the same files as an uninterrupted one.
 table: max of both), ``dtype``, ``grid`` ([h, w]; null when grids vary), ``labels`` (source,
 table name -> index, names, n_classes) or null, ``shards`` (index, name, count, sha256, bytes,
 items [first, end) of the inputs, skipped), ``skipped`` (id, path, reason), ``counts``,
-``complete``, ``command``, ``identity`` (what a resume must match) and ``run``.
+``complete``, ``command``, ``identity`` (what a resume must match) and ``run`` (batch size,
+workers, device, precision, world_size: the number of torchrun processes of the last launch).
+
+Under torchrun the shards are the same files one process writes (same names and bytes); while a
+launch runs, or after one was killed, ``.progress-rank-NNNNN.json`` files hold the shards each
+rank has committed, and the next run of the command merges them into the manifest.
 """
 
 from __future__ import annotations
@@ -53,10 +58,17 @@ class ShardError(Exception):
 
 
 SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")  # the names shard_name gives
+RANK_RECORD_RE = re.compile(r"^\.progress-rank-(\d{5})\.json$")  # the names rank_record_name gives
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
+
+
+def rank_record_name(rank: int) -> str:
+    """Where one torchrun rank of encode-dataset records the shards it committed until rank 0
+    merges them into the manifest (only rank 0 writes ``manifest.json``)."""
+    return f".progress-rank-{rank:05d}.json"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 
 from vqgan_cli.checkpoints.format import file_sha256
-from vqgan_cli.shards.format import MANIFEST, SHARD_RE, ShardError, load_manifest, read_shard
+from vqgan_cli.shards.format import MANIFEST, RANK_RECORD_RE, SHARD_RE, ShardError, load_manifest, read_shard
 
 
 class VerifyReport(NamedTuple):
@@ -66,6 +66,9 @@ def verify_folder(root: str | Path) -> VerifyReport:
     recorded = {e["name"] for e in entries}
     problems += [f"{p.name}: shard not recorded in the manifest" for p in sorted(root.iterdir())
                  if SHARD_RE.match(p.name) and p.name not in recorded]
+    if records := sorted(p.name for p in root.iterdir() if RANK_RECORD_RE.match(p.name)):
+        problems.append(f"{records[0]} (and {len(records) - 1} more): shards recorded by the ranks of a torchrun "
+                        "launch that did not finish; re-run its encode-dataset command to merge and finish them")
     return VerifyReport(not problems, len(entries), samples, problems)
 
 
