@@ -239,10 +239,20 @@ def _slowest(seconds: float, rt: Runtime) -> float:
     return float(gather_rows(torch.tensor([seconds], dtype=torch.float64, device=rt.device), rt).max())
 
 
-def _progress(rt: Runtime, show: bool, mine: int, start: int, total: int) -> TrainProgress:
-    """One bar, on rank 0, over its own share (the others draw as many, give or take one)."""
-    what = f"sample (rank 0's {mine} of {total} images)" if rt.distributed else "sample"
-    return TrainProgress(mine, start, what, show and rt.is_main)
+def _progress(rt: Runtime, show: bool, total: int, start: int) -> TrainProgress:
+    """One bar, on rank 0, over every image of the launch (the other ranks' are counted on disk)."""
+    return TrainProgress(total, start, "sample (all ranks)" if rt.distributed else "sample", show and rt.is_main)
+
+
+def _on_disk(out: Path, names: list[str], done: set[int], since: float) -> int:
+    """Images of this launch on disk, whichever rank wrote them: those kept (``done``) and the PNGs
+    written since it started (a PNG is written last, after its sidecar and tokens)."""
+    n = len(done)
+    for i, name in enumerate(names):
+        if i not in done:
+            with contextlib.suppress(FileNotFoundError):
+                n += (out / f"{name}.png").stat().st_mtime >= since
+    return n
 
 
 def _grid(path: Path, files: list[Path], pictures: dict[int, torch.Tensor]) -> Path:
@@ -293,7 +303,11 @@ def _sample_share(req: SampleRequest, models: Models | None, on_step: StepHook |
     record()
     pictures: dict[int, torch.Tensor] = {}
     seconds = 0.0
-    with stop_on_sigterm(), _progress(rt, bar_shown, len(mine), written, len(names)) as bar:
+    since = time.time()
+
+    def launch_written() -> int:  # the bar's count: every rank's images under torchrun
+        return _on_disk(out, names, done, since) if rt.distributed else len(done) + written - len(mine) + len(todo)
+    with stop_on_sigterm(), _progress(rt, bar_shown, len(names), len(done)) as bar:
         for start in range(0, len(todo), req.batch_size):
             idx = todo[start:start + req.batch_size]
             t0 = time.perf_counter()
@@ -311,8 +325,10 @@ def _sample_share(req: SampleRequest, models: Models | None, on_step: StepHook |
                 record()
                 if req.grid and rt.is_main:
                     pictures[i] = pixels
-            bar.update(written, (written - len(mine) + len(todo)) / max(seconds, 1e-9), "images", "")
-    seconds = _slowest(seconds, rt)  # after it every rank's images are on disk
+            new = written - len(mine) + len(todo)
+            bar.update(launch_written(), rt.world_size * new / max(seconds, 1e-9), "images", "")
+        seconds = _slowest(seconds, rt)  # after it every rank's images are on disk
+        bar.update(launch_written(), 0.0 if seconds == 0 else (len(names) - len(done)) / seconds, "images", "")
     if done:
         notes.append(f"`skip_existing`: {len(done)} of {len(names)} image(s) were already in {out}; "
                      f"drew the other {len(names) - len(done)}")
