@@ -49,3 +49,4 @@ def test_two_ranks_gather_and_compare_arguments(tmp_path: Path, run_two_ranks) -
     script = tmp_path / "ranks.py"
     script.write_text(SCRIPT)
     run_two_ranks(script)
+

@@ -137,3 +137,18 @@ def test_two_ranks_draw_the_upscale_variants_of_one_process(ckpts, tmp_path, mon
     text = _torchrun(two, "--num-images", "3", *args, command="upscale")
     assert text.count("upscaled ") == 1 and "drew variant i on rank i % 2" in text
     assert _files(two) == _files(one) and len(_files(one)) == 6
+
+
+@pytest.mark.slow
+def test_an_output_folder_the_ranks_cannot_write_names_each_rank_and_the_path(sos_prior, tmp_path) -> None:
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    proc = subprocess.run([*TORCHRUN, "-m", "vqgan_cli", "sample", "--prior", str(sos_prior), "--out",
+                           str(blocked / "samples")], cwd=tmp_path, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    for rank in (0, 1):  # each rank's message says which rank it is and which path failed
+        line = next((ln for ln in text.splitlines() if f"error: rank {rank} of 2: " in ln), None)
+        assert line is not None and "a_file" in line, text[-3000:]
+    assert "Traceback" not in proc.stdout

@@ -39,8 +39,14 @@ def fail(message: str, code: int) -> typer.Exit:
     """Print ``error: message`` (paths whole, copy-pasteable) and return the exit to raise."""
     from rich.markup import escape
 
-    console.print(f"[bold red]error:[/] {escape(as_options(message))}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {_which_rank()}{escape(as_options(message))}", soft_wrap=True)
     return typer.Exit(code)
+
+
+def _which_rank() -> str:
+    """``rank N of W: `` under torchrun, where several processes print into one console; else nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f"rank {os.environ.get('RANK', '0')} of {world}: " if world > 1 else ""
 
 
 def stop(e: BaseException, message: str, code: int) -> typer.Exit:
