@@ -213,7 +213,7 @@ TOKENIZER_RECIPE = {  # 16 px landscapes, f = 2, 4 steps of batch 4: checkpoints
 
 PRIOR_RECIPE = {  # spatial conditioning over ``token_shards``, 4 steps of batch 4
     "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "cond": "spatial", "pkeep": 0.9},
-    "data": {"val_fraction": 0.2, "shuffle_buffer": 8},
+    "data": {"val_fraction": 0.2, "shuffle_buffer": 8, "workers": 0},  # in-process: fast and deterministic
     "optim": {"warmup_steps": 2, "schedule": "cosine"},
     "train": {"batch_size": 4, "max_steps": 4, "base_lr": 1e-4, "ckpt_every": 2, "keep_last": 2,
               "log_every": 1, "val_every": 2, "val_batches": 2, "grad_clip": 1.0, "precision": "fp32"},

@@ -56,20 +56,34 @@ class MetricsWriter:
             self.path.write_text("".join(k + "\n" for k in kept))
 
 
+def clock(seconds: float) -> str:
+    """h:mm:ss, the way rich shows elapsed time, for plain log lines."""
+    s = int(max(seconds, 0))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 class TrainProgress:
-    """Step counter with rate, ETA and the latest losses; silent on non-main ranks."""
+    """Step counter with rate, ETA and the latest losses; silent on non-main ranks.
+
+    On a terminal: a live rich bar. Elsewhere (logs, CI, ``| tee``) rich would squeeze its columns
+    into 80 characters and cut them with '…', so the bar stays off and each new set of numbers
+    (a new ``info``, i.e. at train.log_every) is printed whole as one plain line, and the last
+    numbers once more at the end when they were not printed yet."""
 
     def __init__(self, total: int, start: int, description: str, enabled: bool = True):
         self.enabled = enabled
+        self.plain = enabled and not console.is_terminal
+        self.total, self.description = total, description
         self.start_time = time.perf_counter()
         self.start_step = start
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
             TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-            console=console, disable=not enabled, transient=False, auto_refresh=console.is_terminal,
+            console=console, disable=not enabled or self.plain, transient=False, auto_refresh=console.is_terminal,
         )
         self._last_info = ""
+        self._pending = ""  # the newest plain line not printed yet (printed at the end)
         self._task = self._progress.add_task(description, total=total, completed=start,
                                              rate="", info="")
 
@@ -79,19 +93,31 @@ class TrainProgress:
 
     def __exit__(self, *exc: object) -> None:
         self._progress.__exit__(*exc)
+        if self._pending and exc[0] is None:  # where the run ended, once
+            self._print(self._pending)
+
+    def _print(self, line: str) -> None:
+        self._pending = ""
+        self._progress.console.print(line, markup=False, highlight=False, soft_wrap=True, overflow="ignore",
+                                     crop=False)
 
     def update(self, step: int, items_per_s: float, unit: str, info: str) -> None:
         rate = f"{items_per_s:.1f} {unit}/s"
         self._progress.update(self._task, completed=step, rate=rate, info=info)
-        if self.enabled and not self._progress.console.is_terminal and info != self._last_info:
-            # Logs and CI get no live bar: print a plain line whenever new numbers come in.
+        if not self.plain:
+            return
+        self._pending = self.line(step, rate, info)
+        if info != self._last_info:
             self._last_info = info
-            task = self._progress.tasks[0]
-            done = step - self.start_step
-            elapsed = time.perf_counter() - self.start_time
-            eta = elapsed / done * (task.total - step) if done and task.total else 0.0
-            self._progress.console.print(f"{task.description}: step {step}/{task.total:.0f}, {rate}, "
-                                         f"{info}, eta {eta / 60:.1f} min")
+            self._print(self._pending)
+
+    def line(self, step: int, rate: str, info: str) -> str:
+        """``train-tokenizer run 20/1200 (2%) 2.1 img/s elapsed 0:00:10 eta 0:09:22 loss 0.123``."""
+        done, elapsed = step - self.start_step, time.perf_counter() - self.start_time
+        eta = clock(elapsed / done * (self.total - step)) if done > 0 else "?"
+        pct = f" ({100 * step // self.total}%)" if self.total else ""
+        return (f"{self.description} {step}/{self.total}{pct} {rate} elapsed {clock(elapsed)} eta {eta} "
+                f"{info}").rstrip()
 
     def log(self, message: str) -> None:
         if self.enabled:

@@ -47,6 +47,29 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+MAX_AUTO_WORKERS = 8  # more loader processes than this rarely speed up these decoders
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container or taskset may give
+    fewer than the machine has), the count PyTorch checks ``num_workers`` against."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers: int | str) -> int:
+    """DataLoader worker processes for ``workers``: an integer as given; ``auto`` leaves one core
+    of this process's share (usable cores / processes per node under torchrun) to the main
+    process and uses at most MAX_AUTO_WORKERS: 2 cores give 1 worker, 1 core gives 0 (load in
+    the main process), never more than PyTorch suggests, so it never warns."""
+    if workers != "auto":
+        return int(workers)
+    share = usable_cores() // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+    return max(min(MAX_AUTO_WORKERS, share - 1), 0)
+
+
 def setup_runtime(device: str = "auto", threads: int | None = None) -> Runtime:
     """Join the torchrun process group when launched by torchrun; pick the device."""
     if threads:

@@ -31,6 +31,14 @@ def test_recipe_validates_except_for_data_the_user_provides(name):
     assert name == "quickstart" and r.data.train == "builtin:landscapes"
 
 
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_no_recipe_fixes_the_loader_workers(path):
+    """A fixed count (8) made PyTorch warn on small machines; ``auto`` fits each one."""
+    import yaml
+
+    assert yaml.safe_load(path.read_text()).get("data", {}).get("workers", "auto") == "auto"
+
+
 def test_released_hyper_parameters():
     def rec(name: str) -> dict:
         import yaml

@@ -362,3 +362,20 @@ def test_depth_cond_tokens(toks, tmp_path):
     with torch.inference_mode():
         want = load_tokenizer(toks["depth"]).encode(torch.from_numpy(normalize_depth(depth))[None, None])
     np.testing.assert_array_equal(s.cond, want.indices[0].numpy())
+
+
+def test_workers_auto_is_the_default_and_fits_the_cores(toks, tmp_path, monkeypatch):
+    from vqgan_cli import runtime
+
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert EncodeOptions(tokenizer="t", data="d", out="o").workers == "auto"
+    encode_dataset(opts(toks, tmp_path / "a", workers="auto", limit=4), progress=False)
+    manifest = json.loads((tmp_path / "a" / MANIFEST).read_text())
+    assert manifest["run"]["workers"] == 1  # what auto gave on two cores: recorded
+    with pytest.raises(EncodeUsageError, match="`workers` must be a number or auto, got 'many'"):
+        encode_dataset(opts(toks, tmp_path / "b", workers="many"), progress=False)
+    res = CliRunner().invoke(app, ["encode-dataset", "--tokenizer", str(toks["a"]), "--data", "builtin:landscapes",
+                                   "--out", str(tmp_path / "c"), "--limit", "4", "--size", str(SIZE),
+                                   "--workers", "-1"])
+    assert res.exit_code == 2 and "--workers must be >= 0, got -1" in " ".join(res.output.split())

@@ -197,6 +197,39 @@ def test_label_agreement_of_samples_from_builtin_maps(inception, tmp_path):
 # ---- evaluate tokenizer ----------------------------------------------------------------------
 
 
+def test_sigterm_stops_an_evaluation_between_batches_with_exit_143(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import vqgan_cli.evaluate.tokenizer as E
+
+    real, calls = E.batch_metrics, []
+
+    def signal_at_batch_2(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, through the command's handler
+        return real(*a, **kw)
+
+    monkeypatch.setattr(E, "batch_metrics", signal_at_batch_2)
+    handler = signal.getsignal(signal.SIGTERM)
+    ckpt = save_tokenizer_for_test(tmp_path)
+    out = tmp_path / "ev"
+    r = runner.invoke(app, ["evaluate", "tokenizer", "--tokenizer", str(ckpt), "--data", "builtin:landscapes",
+                            "--size", "32", "--limit", "8", "--batch-size", "2", "--lpips", "none", "--no-fid",
+                            "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 143 and "stopped by SIGTERM" in r.output, r.output
+    assert len(calls) == 2  # not one batch more
+    assert not (out / "metrics.json").exists()
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored after the command
+
+
+def save_tokenizer_for_test(folder: Path) -> Path:
+    from vqgan_cli.checkpoints.load import save_tokenizer
+
+    return save_tokenizer(folder / "tok.safetensors", tokenizer(**F4_32PX))
+
+
 def test_tokenizer_cli_psnr_and_usage_match_the_reconstructions(weights, tmp_path):
     from vqgan_cli.checkpoints.load import load_tokenizer, save_tokenizer
     from vqgan_cli.data.dataset import VAL_SEED_BASE

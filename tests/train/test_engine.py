@@ -4,6 +4,8 @@ counts, saves and resumes, checked against a plain loop written here."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,3 +160,129 @@ def test_resumed_run_is_bitwise_the_straight_run(tmp_path):
     assert result.steps == 5 and second.applied == [2, 3, 4]
     assert torch.equal(second.model.weight, straight.model.weight)
     assert all(torch.equal(a["x"], b["x"]) for a, b in zip(first.seen + second.seen, straight.seen, strict=True))
+
+
+# ---- signals during validation ---------------------------------------------------------------------
+
+class SlowValStage(ToyStage):
+    """A toy whose validation is 5 batches that each check the stop flag; SIGTERM arrives (a real
+    signal, through the engine's handler) before batch 2 of the validation at ``kill_step``."""
+
+    def __init__(self, kill_step: int | None = None, noise: float = 0.0):
+        super().__init__(noise=noise)
+        self.kill_step = kill_step
+        self.validated: list[int] = []
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        from vqgan_cli.train.signals import check_stop
+
+        for batch in range(5):
+            if step == self.kill_step and batch == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            check_stop()
+        self.validated.append(step)
+        return {"w": float(self.model.weight.detach().sum())}
+
+    def val_text(self, val: dict[str, float]) -> str:
+        return f"w {val['w']:.4f}"
+
+
+def _val_records(run_dir: Path) -> list[int]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in lines if r["split"] == "val"]
+
+
+@pytest.mark.parametrize("kill_step", [3, 6])  # a validation mid-run, and the final one
+def test_sigterm_during_validation_saves_the_step_and_the_rerun_validates_then_goes_on(tmp_path, kill_step):
+    handler = signal.getsignal(signal.SIGTERM)
+    straight = SlowValStage(noise=0.3)
+    _train(straight, tmp_path / "a", val_every=3, ckpt_every=100)
+    assert straight.validated == [3, 6]
+
+    cut = SlowValStage(kill_step, noise=0.3)
+    result = _train(cut, tmp_path / "b", val_every=3, ckpt_every=100)
+    assert result.stopped_by_signal == 143 and result.steps == kill_step
+    assert cut.validated == [3] if kill_step == 6 else cut.validated == []
+    assert not (tmp_path / "b" / "toy.safetensors").exists()  # no final weights from a stopped run
+    saved = load_state(tmp_path / "b" / "checkpoints" / f"step_{kill_step:07d}.state.pt")
+    assert saved["step"] == kill_step and saved["val_due"] is True
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored after the run
+
+    again = SlowValStage(noise=0.3)
+    result = _train(again, tmp_path / "b", val_every=3, ckpt_every=100)
+    assert result.stopped_by_signal is None and result.steps == 6
+    assert again.validated == ([3, 6] if kill_step == 3 else [6])  # the cut validation first, once
+    assert again.applied == list(range(kill_step, 6))  # resumed at the saved step, not restarted
+    assert _val_records(tmp_path / "b") == _val_records(tmp_path / "a") == [3, 6]
+    assert torch.equal(again.model.weight, straight.model.weight)  # exactly the straight run
+    assert load_file(tmp_path / "b" / "toy.safetensors")["weight"].equal(straight.model.weight.detach())
+    resaved = load_state(tmp_path / "b" / "checkpoints" / f"step_{kill_step:07d}.state.pt")
+    assert "val_due" not in resaved  # done: a later resume from this step does not validate again
+
+
+def test_check_stop_is_a_no_op_outside_a_run_and_raises_inside_one():
+    from vqgan_cli.faults import Stopped
+    from vqgan_cli.train.signals import StopRequest, check_stop
+
+    check_stop()
+    stop = StopRequest()
+    try:
+        check_stop()  # no signal yet
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(Stopped) as e:
+            check_stop()
+        assert e.value.exit_code == 130
+    finally:
+        stop.close()
+    check_stop()
+
+
+# ---- loader workers that fit the machine ------------------------------------------------------------
+
+@pytest.mark.parametrize("cores, local_world, expected", [(1, 1, 0), (2, 1, 1), (4, 1, 3), (64, 1, 8),
+                                                          (8, 2, 3), (2, 2, 0)])
+def test_auto_workers_leave_a_core_to_each_process_and_stop_at_eight(monkeypatch, cores, local_world,
+                                                                     expected):
+    from vqgan_cli import runtime
+
+    monkeypatch.setattr(runtime, "usable_cores", lambda: cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    assert runtime.resolve_workers("auto") == expected
+    assert runtime.resolve_workers(5) == 5  # a number is taken as given
+
+
+def test_usable_cores_follow_the_affinity_mask(monkeypatch):
+    from vqgan_cli import runtime
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3}, raising=False)
+    assert runtime.usable_cores() == 2
+
+
+def _worker_warnings(workers: int | str) -> list[str]:
+    """PyTorch's too-many-workers warnings while a BatchStream over built-in scenes makes a batch."""
+    import warnings
+
+    from vqgan_cli.data import DataConfig, build_dataset, collate
+
+    cfg = DataConfig(size=16, val_count=8, builtin_train=16)
+    stream = BatchStream(build_dataset(cfg, "train", "image", None, seed=0), 2, workers, 0, RT, collate)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert stream.next()["image"].shape == (2, 3, 16, 16)
+    stream.close()
+    return [str(w.message) for w in caught if "worker" in str(w.message)]
+
+
+def test_auto_workers_on_two_cores_make_no_pytorch_warning(monkeypatch, tmp_path):
+    from vqgan_cli.data import DataConfig
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # what PyTorch checks too
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert DataConfig().workers == "auto"  # the default
+    assert _worker_warnings("auto") == []
+    cfg = TrainConfig(max_steps=1, batch_size=2, val_every=100, image_every=100)
+    run(ToyStage(), cfg, BatchStream(DATA, 2, "auto", 0, RT, default_collate), tmp_path / "run", RT)
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert (first["split"], first["workers"]) == ("run", 1)  # the run records what auto gave
+    # the check can fail: more workers than the two cores do make PyTorch warn
+    assert any("suggested max number of worker" in w for w in _worker_warnings(3))

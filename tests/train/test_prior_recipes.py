@@ -25,6 +25,8 @@ EXPECTED = {
     "sflckr_prior": ((32, 32), 1024, 182, None, 511, None),
     "drin_prior": ((16, 16), 1024, 1024, None, 511, None),
     "superres_prior": ((16, 16), 1024, 1024, None, 511, None),
+    "custom_prior": ((16, 16), 1024, None, None, 256, None),
+    "custom_seg_prior": ((32, 32), 1024, 1024, None, 511, None),
 }
 
 

@@ -133,6 +133,71 @@ def test_sigint_saves_and_resumes(tmp_path, monkeypatch):
     assert train_tokenizer(tiny_recipe(tmp_path / "r", "train.ckpt_every=100"), "tiny").steps == 4
 
 
+_SLOW_VALIDATION = """
+import os, sys, time
+import vqgan_cli.train.validation as V
+real = V.batch_metrics
+said = []
+
+def slow(*a, **kw):  # the first batch's metrics say validation is under way; SLOW_VAL: 0.5 s a batch
+    if not said:
+        said.append(print("validation started", flush=True))
+    if os.environ.get("SLOW_VAL"):
+        time.sleep(0.5)
+    return real(*a, **kw)
+
+V.batch_metrics = slow
+sys.argv = ["vqgan", *sys.argv[1:]]
+from vqgan_cli.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_final_validation_exits_143_at_once_and_the_rerun_completes(tmp_path):
+    """``vqgan train-tokenizer`` in its own process, stopped by a real SIGTERM while its final
+    validation (40 batches, 20 s) runs; the same command again finishes that validation."""
+    import subprocess
+    import sys
+    import time
+
+    from factory import TOKENIZER_RECIPE
+
+    recipe = json.loads(json.dumps(TOKENIZER_RECIPE))
+    recipe["data"]["val_count"] = 160
+    recipe["train"].update(out_dir=str(tmp_path / "run"), val_every=4, val_batches=40)
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+    (tmp_path / "cli.py").write_text(_SLOW_VALIDATION)
+    command = [sys.executable, str(tmp_path / "cli.py"), "train-tokenizer", str(tmp_path / "r.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.Popen(command, env={**env, "SLOW_VAL": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "validation started", proc.stderr.read()[-3000:]
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        waited = time.monotonic() - sent
+    finally:
+        proc.kill()
+    err = " ".join(err.split())
+    assert proc.returncode == 143, err[-3000:]
+    assert waited < 5, f"{waited:.1f} s from SIGTERM to exit"
+    assert "stopped by signal at step 4" in err
+    run = tmp_path / "run"
+    assert not (run / "tokenizer.safetensors").exists()
+    assert load_state(run / "checkpoints" / "step_0000004.state.pt")["val_due"] is True
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "from step 4" in " ".join(again.stderr.split())  # resumed, not restarted
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+    val = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in val] == [4] and val[0]["images"] == 160  # the whole validation, once
+    assert read_weights(run / "tokenizer.safetensors").format == "vqgan-tokenizer"
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_stay_identical(tmp_path, run_two_ranks):
     script = tmp_path / "ddp_run.py"

@@ -122,6 +122,10 @@ def describe(path: str | Path, config: str | Path | None = None) -> dict[str, An
     else:
         tok = w.info.get("tokenizer")
         info["first_stage"] = {"recorded": tok if isinstance(tok, str) else (tok or {}).get("path")}
+        held = w.info.get("held_out")  # what train-prior validated on (older priors lack it)
+        if isinstance(held, dict):
+            info["held_out"] = {"shards": w.info.get("shards"),
+                                **{k: held[k] for k in ("val", "val_fraction") if k in held}}
     cond = {"sos": "", "coord": "", "class": " --class N", "labels": " --cond labels.png"}.get(
         prior.cond.kind, " --cond " + str(info["conditioning"].get("input", "MAP")).split()[-1])
     cfg = f" --config {r.config}" if r.origin == "--config" else ""
@@ -150,7 +154,7 @@ def render(info: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [("kind", info["kind"]), ("checkpoint", info["checkpoint"]), ("format", info["format"])]
     c = info["config"]
     rows.append(("YAML", f"{c['path']} ({c['from']})" if c["path"] else c["from"]))
-    for key in ("architecture", "tokenizer", "conditioning", "first_stage"):
+    for key in ("architecture", "tokenizer", "conditioning", "first_stage", "held_out"):
         if key in info:
             rows.append((key.replace("_", " "), flat(info[key])))
             for sub in ("architecture", "codebook", "tokenizer"):

@@ -26,9 +26,12 @@ def _run(job: Callable[[], Any], title: str) -> None:
     its table, notes, warnings and the files it wrote (under torchrun: rank 0 only)."""
     from rich.table import Table
 
+    from vqgan_cli.faults import stop_on_sigterm
+
     def go() -> Any:
         try:
-            return job()
+            with stop_on_sigterm():  # SIGTERM: "stopped by SIGTERM", exit 143 (Ctrl-C: 130), not a silent kill
+                return job()
         except ValueError as e:
             raise stop(e, str(e), 2) from None
 

@@ -30,7 +30,8 @@ def encode_dataset_cmd(
     keep_aspect: Annotated[bool, typer.Option(
         help="keep the aspect ratio (sides cut to a multiple of f) instead of a centre square")] = False,
     batch_size: Annotated[int, typer.Option(help="images per encoder forward")] = 32,
-    workers: Annotated[int, typer.Option(help="loader processes decoding and resizing")] = 2,
+    workers: Annotated[str, typer.Option(
+        help="loader processes decoding and resizing; auto: the usable cores less one, at most 8")] = "auto",
     shard_size: Annotated[int, typer.Option(help="input images per shard")] = 1000,
     flip_copies: Annotated[bool, typer.Option(help="also store the tokens of each mirrored image")] = False,
     limit: Annotated[int | None, typer.Option(help="first N images only (builtin: N scenes)")] = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from vqgan_cli.config import spec
 
@@ -29,7 +30,8 @@ class DataConfig:
     size: int = spec(256, ge=8, help="square crop size")
     resize: int | None = spec(None, ge=8, help="smaller side resized to this before cropping (default: size)")
     flip: bool = spec(False, help="random horizontal flip in training (same for the map)")
-    workers: int = spec(2, ge=0, help="DataLoader worker processes")
+    workers: int | Literal["auto"] = spec("auto", ge=0, help="DataLoader worker processes; auto: the usable "
+                                          "cores less one, at most 8 (runtime.resolve_workers)")
     label_shift: int = spec(0, ge=0, le=255, help="added to label values mod 256 (COCO: 1, so 255 -> 0)")
     val_count: int = spec(64, ge=0, help="held-out items when val is None")
     builtin_train: int = spec(100_000, ge=1, help="distinct built-in training scenes (seeds 0..n-1)")

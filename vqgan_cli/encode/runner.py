@@ -39,7 +39,15 @@ from vqgan_cli.encode.models import Cond, cond_tokens_of, load_for_encoding, set
 from vqgan_cli.encode.ranks import OtherRanks, finish_shared, idle_note, my_shards, open_shared
 from vqgan_cli.encode.store import OutputFolder
 from vqgan_cli.models.vqgan import VQGAN
-from vqgan_cli.runtime import Runtime, announce_precision, autocast, check_same_arguments, setup_runtime, shutdown
+from vqgan_cli.runtime import (
+    Runtime,
+    announce_precision,
+    autocast,
+    check_same_arguments,
+    resolve_workers,
+    setup_runtime,
+    shutdown,
+)
 from vqgan_cli.shards.format import MANIFEST_FORMAT, MANIFEST_VERSION, TokenSample, token_dtype
 
 
@@ -54,7 +62,7 @@ class EncodeOptions:
     size: int | None = None  # smaller side; default: the tokenizer's training resolution
     keep_aspect: bool = False
     batch_size: int = 32
-    workers: int = 2
+    workers: int | str = "auto"  # loader processes; auto: runtime.resolve_workers (fits the cores)
     shard_size: int = 1000  # input items per shard
     flip_copies: bool = False
     limit: int | None = None
@@ -105,9 +113,17 @@ def command_line(opts: EncodeOptions) -> str:
     return shlex.join(args)
 
 
+def _workers(opts: EncodeOptions) -> int:
+    """``workers`` as a number (``auto`` fits this machine's cores); a usage error when it is neither."""
+    try:
+        return resolve_workers(opts.workers)
+    except ValueError:
+        raise EncodeUsageError(f"`workers` must be a number or auto, got {opts.workers!r}") from None
+
+
 def _check_options(opts: EncodeOptions) -> None:
     for name, v, lo in (("`batch_size`", opts.batch_size, 1), ("`shard_size`", opts.shard_size, 1),
-                        ("`workers`", opts.workers, 0),
+                        ("`workers`", _workers(opts), 0),
                         ("`limit`", 1 if opts.limit is None else opts.limit, 1),
                         ("`size`", opts.size or 8, 8)):
         if v < lo:
@@ -153,7 +169,7 @@ def _manifest(opts: EncodeOptions, items: list[InputItem], tok_info: dict, cond:
         "image_size": [size, size] if grid else None, "labels": labels,
         "n_items": len(items), "n_shards": -(-len(items) // opts.shard_size), "shard_size": opts.shard_size,
         "shards": [], "skipped": [], "counts": {}, "complete": False,
-        "run": {"batch_size": opts.batch_size, "workers": opts.workers, "device": str(device)},
+        "run": {"batch_size": opts.batch_size, "workers": _workers(opts), "device": str(device)},
     }
 
 
@@ -237,7 +253,7 @@ def _encode_shards(folder: OutputFolder, items: list[InputItem], todo: list[int]
     inputs/s). The encoders run under ``precision``'s autocast; the quantizer's distances stay in
     float32. ``others``: the other torchrun ranks (rank 0's bar shows their progress too)."""
     batches = shard_batches(todo, len(items), opts.shard_size, opts.batch_size)
-    loader = DataLoader(EncodeItems(items, prep), batch_sampler=batches, num_workers=opts.workers,
+    loader = DataLoader(EncodeItems(items, prep), batch_sampler=batches, num_workers=_workers(opts),
                         collate_fn=collate_groups, pin_memory=device.type == "cuda")
     dt_img = np.dtype(folder.manifest["dtype"])
     dt_cond = np.dtype(folder.manifest["cond"]["dtype"]) if cond else None

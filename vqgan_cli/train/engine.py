@@ -16,7 +16,9 @@ The loop, top to bottom::
 
 A resumed run is bitwise identical to a straight one: a checkpoint keeps every rank's RNG state
 and the exact data position, and the work between steps (logs, validation, pictures) draws from
-its own generators, never from the global RNG (a stage must keep it so).
+its own generators, never from the global RNG (a stage must keep it so). Ctrl-C or SIGTERM stops
+the loop between steps, or a validation between its batches: the step is saved (with its
+validation marked as due) and the run ends with 130/143; the same command resumes there.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vqgan_cli import runtime as R
 from vqgan_cli.console import TrainProgress, console, summary_table
+from vqgan_cli.faults import Stopped
 from vqgan_cli.runtime import Precision, Runtime, cpu_capability, print_precision
 from vqgan_cli.train import TrainingError
 from vqgan_cli.train.checkpointing import CheckpointManager, prepare_run_dir
@@ -126,10 +129,12 @@ class TrainState:
     nonfinite: int = 0  # steps skipped for a non-finite loss, in all
     nonfinite_in_a_row: int = 0
     rng: list[dict] = field(default_factory=list)  # every rank's RNG state, captured at saving
+    val_due: bool = False  # a signal cut this step's validation: a resumed run does it first
 
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self.position.epoch, "batch": self.position.batch,
-                "rng": self.rng, "nonfinite": self.nonfinite, "nonfinite_in_a_row": self.nonfinite_in_a_row}
+                "rng": self.rng, "nonfinite": self.nonfinite, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                **({"val_due": True} if self.val_due else {})}  # other checkpoints keep their old keys
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -137,6 +142,7 @@ class TrainState:
         self.rng = list(state["rng"])
         self.nonfinite = int(state["nonfinite"])
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        self.val_due = bool(state.get("val_due", False))  # checkpoints written before it lack the key
 
     def count(self, finite: bool, limit: int) -> None:
         """The non-finite guard: count a skipped step; ``limit`` in a row stop the run, with the
@@ -233,7 +239,7 @@ def run(stage: Stage, cfg: TrainConfig, stream: BatchStream, run_dir: Path, rt: 
     else:
         R.seed_everything(cfg.seed + 1000 * rt.rank)  # per-rank randomness from here on
     stream.position = state.position
-    _announce_precision(stage.precision, rt, log, state.step)
+    _announce_precision(stage.precision, rt, log, state.step, stream.workers)
     stage.attach(wrap(stage.model, rt, cfg.compile), log, run_dir)
 
     def save_checkpoint() -> None:
@@ -248,9 +254,22 @@ def run(stage: Stage, cfg: TrainConfig, stream: BatchStream, run_dir: Path, rt: 
     stopped: int | None = None
     shown: tuple[float, str] = (0.0, "")
     stop = StopRequest()
+
+    def validate_now(bar: TrainProgress) -> bool:
+        """Validate at this step; True when a signal cut it short (the step is saved as due)."""
+        nonlocal val, stopped
+        result, cut = _validate(stage, state.step, log, bar, rt)
+        val = result or val
+        state.val_due = cut
+        if cut:
+            stopped = stop.exit_code if stop.requested else 130
+        return cut
+
     try:
         with TrainProgress(cfg.max_steps, state.step, f"{stage.name} {run_dir.name}", rt.is_main) as bar:
-            while state.step < cfg.max_steps:
+            if state.val_due and not validate_now(bar):  # the validation a signal cut: finish it first
+                save_checkpoint()  # so that a later resume from this step does not validate again
+            while stopped is None and state.step < cfg.max_steps:
                 if R.any_rank(stop.requested, rt):
                     stopped = stop.exit_code if stop.requested else 130
                     break
@@ -279,12 +298,8 @@ def run(stage: Stage, cfg: TrainConfig, stream: BatchStream, run_dir: Path, rt: 
                 bar.update(state.step, shown[0], stage.unit, shown[1])
                 if rt.is_main and due(state.step, cfg.image_every, cfg.max_steps):
                     stage.images(state.step)
-                if due(state.step, cfg.val_every, cfg.max_steps):
-                    if rt.is_main and (result := stage.evaluate(state.step)):
-                        val = result
-                        log.write({"step": state.step, "split": "val", **val})
-                        bar.log(f"step {state.step} validation: {stage.val_text(val)}")
-                    R.barrier(rt)
+                if due(state.step, cfg.val_every, cfg.max_steps) and validate_now(bar):
+                    break
                 if due(state.step, cfg.ckpt_every, cfg.max_steps):
                     save_checkpoint()
         if stopped is not None:
@@ -305,14 +320,30 @@ def run(stage: Stage, cfg: TrainConfig, stream: BatchStream, run_dir: Path, rt: 
     return RunResult(run_dir, final, state.step, seconds, val, state.nonfinite, stopped)
 
 
-def _announce_precision(choice: Precision, rt: Runtime, log: RunLog, step: int) -> None:
+def _validate(stage: Stage, step: int, log: RunLog, bar: TrainProgress, rt: Runtime) -> tuple[dict, bool]:
+    """Validation at ``step`` (main process): (metrics, cut). ``cut``: a signal stopped it between
+    batches; every rank learns so (a collective), so that all of them stop and save together."""
+    val, cut = {}, False
+    if rt.is_main:
+        try:
+            val = stage.evaluate(step)
+        except Stopped:
+            cut = True
+        if val:
+            log.write({"step": step, "split": "val", **val})
+            bar.log(f"step {step} validation: {stage.val_text(val)}")
+    return val, R.any_rank(cut, rt)
+
+
+def _announce_precision(choice: Precision, rt: Runtime, log: RunLog, step: int, workers: int) -> None:
     """Say which precision the run computes in and why, and keep it in metrics.jsonl (a ``run``
     record at the step the run starts or resumes from)."""
     if not rt.is_main:
         return
     print_precision(choice, "train.precision")
     log.write({"step": step, "split": "run", **choice.record(), "device": str(rt.device),
-               "cpu_capability": cpu_capability(), "threads": torch.get_num_threads()})
+               "cpu_capability": cpu_capability(), "threads": torch.get_num_threads(),
+               "workers": workers})  # what data.workers (auto: the machine) gave
 
 
 def _report(stage: Stage, run_dir: Path, state: TrainState, start_step: int, seconds: float,

@@ -44,6 +44,7 @@ from vqgan_cli.train.prior_data import (
     unigram_entropy,
 )
 from vqgan_cli.train.prior_samples import SampleGrids
+from vqgan_cli.train.signals import check_stop
 from vqgan_cli.train.stream import BatchStream
 
 LN2 = math.log(2.0)
@@ -119,18 +120,22 @@ def build_prior(recipe: PriorRecipe, data: PriorData) -> Prior:
 @torch.no_grad()
 def validate_prior(prior: Prior, batches: list[tuple[torch.Tensor, torch.Tensor]],
                    amp: Any) -> dict[str, float]:  # noqa: ANN401 - an autocast or null context
-    """Validation loss (nats and bits per image token) and next-token accuracy, eval mode."""
+    """Validation loss (nats and bits per image token) and next-token accuracy, eval mode; a
+    signal stops it between batches (``Stopped``)."""
     was = prior.training
     prior.eval()
     total, correct, n = 0.0, 0, 0
-    for c, z in batches:
-        seq = prior.training_sequences(c, z)
-        with amp:
-            logits = prior(seq.cond, seq.image).float()  # (B, Lz, V)
-        total += float(token_nll(logits, seq.targets, reduction="sum"))
-        correct += int((logits.argmax(-1) == seq.targets).sum())
-        n += seq.targets.numel()
-    prior.train(was)
+    try:
+        for c, z in batches:
+            check_stop()
+            seq = prior.training_sequences(c, z)
+            with amp:
+                logits = prior(seq.cond, seq.image).float()  # (B, Lz, V)
+            total += float(token_nll(logits, seq.targets, reduction="sum"))
+            correct += int((logits.argmax(-1) == seq.targets).sum())
+            n += seq.targets.numel()
+    finally:
+        prior.train(was)
     loss = total / max(n, 1)
     return {"loss": loss, "bits_per_token": loss / LN2, "accuracy": correct / max(n, 1), "tokens": n}
 
@@ -247,6 +252,7 @@ class PriorStage:
             return {}
         val = validate_prior(self.model, self.val_inputs, self.amp)
         val.update(unigram_entropy=self.unigram, unigram_bits=self.unigram / LN2)
+        check_stop()  # before the sample grids, which take a while too
         if self.samples is not None:
             png = self.run_dir / "images" / f"samples_step_{step:07d}.png"
             if self.samples.write(png, self.model, self.val_inputs) is not None:

@@ -12,7 +12,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch.utils.data import IterableDataset
@@ -42,7 +42,8 @@ class ShardDataConfig:
     variants: str = spec("random", choices=VARIANTS, help="flip copies: random (one per sample "
                                                           "and epoch) | all | original")
     shuffle_buffer: int = spec(1024, ge=1, help="samples shuffled in memory while streaming")
-    workers: int = spec(0, ge=0, help="DataLoader worker processes")
+    workers: int | Literal["auto"] = spec("auto", ge=0, help="DataLoader worker processes; auto: the "
+                                          "usable cores less one, at most 8 (runtime.resolve_workers)")
     verify: str = spec("first", choices=("first", "never"),
                        help="first: check each shard against the manifest's sha256 when a reader first "
                             "opens it in a run (an altered shard stops the run) | never")
@@ -185,6 +186,10 @@ def resolve_data(cfg: ShardDataConfig, cond_kind: str, sos_token: int = 0, cond_
         _same_shards(m, vm, problems)
     info = _check_tokenizer(cfg, m, problems)
     info["shards"] = str(Path(cfg.shards).resolve())
+    # what validation saw, so a reader of the prior can score the same held-out samples
+    info["held_out"] = ({"val": str(Path(cfg.val).resolve())} if cfg.val else
+                        {"val_fraction": cfg.val_fraction,
+                         "rule": "int.from_bytes(sha256(key)[:8], 'little') / 2**64 < val_fraction"})
     crop = tuple(cfg.crop) if cfg.crop is not None else None
     grid: tuple[int, int] = (1, 1)
     if m.grid is None and crop is None:

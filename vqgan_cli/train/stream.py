@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from vqgan_cli.runtime import Runtime
+from vqgan_cli.runtime import Runtime, resolve_workers
 from vqgan_cli.train import TrainingError
 
 
@@ -27,13 +27,13 @@ class BatchStream:
     RNG: a resumed run then draws exactly the random numbers a straight run draws.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, workers: int, seed: int, rt: Runtime,
+    def __init__(self, dataset: Dataset, batch_size: int, workers: int | str, seed: int, rt: Runtime,
                  collate: Callable, position: DataPosition | None = None, shuffle: bool = True):
         from vqgan_cli.data.sampler import ResumableSampler
 
         self.dataset = dataset
         self.batch_size = batch_size
-        self.workers = workers
+        self.workers = resolve_workers(workers)  # `auto` fits the machine
         self.seed = seed
         self.collate = collate
         self.position = position or DataPosition()
