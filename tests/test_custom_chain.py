@@ -5,7 +5,9 @@ recipes/custom.yaml, custom_prior.yaml and custom_seg_prior.yaml at tiny sizes (
     verify-shards, train-prior (class-conditional), sample --class, info;
 (b) S-FLCKR photos + label maps: a tiny segmentation tokenizer, encode-dataset --cond seg with the
     image tokenizer of (a), verify-shards, train-prior on 4x4 windows, a sample larger than the
-    window from one map with --window fast.
+    window from one map with --window fast;
+(c) D-RIN photos named by a file list with their depth maps: image and depth tokenizers trained
+    from the list, encode-dataset --cond depth, verify-shards, a depth-conditioned prior.
 
 Expectations come from the files (photo counts, folder names, map values, PNG sizes) and from the
 documented held-out rule, never from the code under test.
@@ -172,3 +174,33 @@ def test_own_photos_then_own_photos_with_label_maps(examples, tmp_path, monkeypa
         "--n", "1", "--out", "samples/b")
     pngs = sorted(Path("samples/b").glob("*.png"))
     assert len(pngs) == 1 and Image.open(pngs[0]).size == (160, 96)  # 10x6 tokens > the 4x4 window
+
+
+def test_from_a_file_list_with_depth_maps(examples, tmp_path, monkeypatch):
+    """(c) D-RIN photos named by a file list (relative to --root) with their depth maps: a tiny
+    image tokenizer and depth tokenizer trained from the list, depth-conditioned shards."""
+    monkeypatch.chdir(tmp_path)
+    images, depth = examples / "drin_images", examples / "drin_depth"
+    lines = [ln.strip() for ln in (examples / "drin_examples.txt").read_text().splitlines() if ln.strip()]
+    listed = [ln for ln in lines if (images / ln).is_file()]
+    assert len(listed) == len(lines) >= 10  # every listed photo exists
+    Path("train.txt").write_text("\n".join(listed) + "\n")
+    common = ["data.train=train.txt", f"data.root={images}", "data.val=null", *TINY_AE]
+    cli("train-tokenizer", RECIPES / "custom.yaml", *sets([*common, "train.out_dir=runs/img",
+                                                          "loss.perceptual_weight=0"]))
+    cli("train-tokenizer", RECIPES / "drin_depth.yaml", *sets([*common, f"data.maps={depth}",
+                                                              "train.out_dir=runs/depth"]))
+    cli("encode-dataset", "--tokenizer", "runs/img/tokenizer.safetensors", "--data", "train.txt",
+        "--root", images, "--cond", "depth", "--cond-tokenizer", "runs/depth/tokenizer.safetensors",
+        "--cond-data", depth, "--size", "64", "--workers", "0", "--out", "shards")
+    assert "all good" in cli("verify-shards", "shards")
+    m = json.loads(Path("shards/manifest.json").read_text())
+    assert m["counts"]["samples"] == len(listed) and m["grid"] == [4, 4]  # one per listed photo; 64 px / 16
+    assert m["cond"]["kind"] == "depth"
+    keys = {k.split(".")[0] for k in shard_members(Path("shards")) if k.endswith(".cond.npy")}
+    assert len(keys) == len(listed)  # a depth token grid for every photo
+    cli("train-prior", RECIPES / "custom_seg_prior.yaml", *sets([
+        "data.shards=shards", "data.tokenizer=runs/img/tokenizer.safetensors", "train.out_dir=runs/prior",
+        "data.crop=[4,4]", "data.val_fraction=0.2", *TINY_GPT]))
+    config, _ = prior_record(Path("runs/prior/prior.safetensors"))
+    assert config["cond"]["kind"] == "spatial", config["cond"]

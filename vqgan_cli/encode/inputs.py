@@ -246,8 +246,9 @@ class Prepare:
         if mapped is not None:
             kind = "labels" if self.map_kind == "seg" else "depth"
             m = resize_smaller_side(mapped, self.size, kind).array[top:top + ch, left:left + cw]
+            # np.array copies: m may view a read-only buffer, which torch.from_numpy warns about
             out["map"] = (torch.from_numpy(m.astype(np.int16)) if kind == "labels"
-                          else torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None])
+                          else torch.from_numpy(np.array(m, dtype=np.float32))[None])
         if self.lowres:
             out["map"] = rgb_bytes(degrade(crop, self.lowres))
         return out
