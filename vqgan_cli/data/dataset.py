@@ -193,7 +193,11 @@ class ShardDataset(_Epochs, IterableDataset):
     With at least as many shards as (ranks x workers) each slot reads whole shards; otherwise every
     slot reads all shards and keeps every n-th sample, so small shard counts still split evenly.
     ``keep`` restricts shards to given keys (the held-out split), ``drop`` removes keys.
+    ``tag_positions``: each sample gets ``index`` = (shard number << 32) | position in the shard,
+    its place in one process's reading order (an evaluation split over ranks sorts by it).
     """
+
+    tag_positions = False
 
     def __init__(self, shards: list[str], maps: MapIndex | None, prep: Prep, modality: str,
                  keep: dict[str, set[str]] | None = None, drop: dict[str, set[str]] | None = None):
@@ -242,7 +246,8 @@ class ShardDataset(_Epochs, IterableDataset):
                     count += 1
                     if not by_shard and (count - 1) % n_slots != slot:
                         continue
-                    yield self._sample(shard, key, fields, (si, pos))
+                    sample = self._sample(shard, key, fields, (si, pos))
+                    yield {**sample, "index": (si << 32) | pos} if self.tag_positions else sample
             except (tarfile.TarError, OSError) as e:
                 yield self.prep.fail(BadFile(shard, f"unreadable tar shard: {e}"), Path(shard).name)
 

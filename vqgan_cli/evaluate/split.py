@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from vqgan_cli.data import DataError
+from vqgan_cli.data.dataset import ShardDataset, collate
 from vqgan_cli.runtime import Runtime, any_rank, gather_rows, my_share
 
 T = TypeVar("T")
@@ -57,18 +58,13 @@ _UNPLACED = 1 << 62  # an unreadable tar shard's marker has no position: it sort
 
 
 def _tag_positions(shards: torch.utils.data.IterableDataset) -> None:
-    """Make a tar-shard dataset tag each item with ``index`` = (shard number << 32) | position in
-    the shard: one process reads items in that order, so sorting by it restores the order. Under
-    torchrun the shard dataset splits itself over the ranks; its own split is kept."""
-    sample = getattr(shards, "_sample", None)
-    if sample is None:
+    """Make a tar-shard dataset tag each item with its place in one process's reading order
+    (``ShardDataset.tag_positions``). Under torchrun the shard dataset splits itself over the
+    ranks; its own split is kept."""
+    if not isinstance(shards, ShardDataset):
         raise DataError(f"{type(shards).__name__}: a stream whose items cannot be placed in order; "
                         "evaluate it in one process")
-
-    def tagged(shard: str, key: str, fields: dict, rng_index: tuple[int, int]) -> dict:
-        return {**sample(shard, key, fields, rng_index), "index": (rng_index[0] << 32) | rng_index[1]}
-
-    shards._sample = tagged  # type: ignore[attr-defined]
+    shards.tag_positions = True
 
 
 def _first_positions(shards: list[str], n: int) -> int:
@@ -122,8 +118,6 @@ def share_dataset(ds: torch.utils.data.Dataset, rt: Runtime) -> torch.utils.data
 
 def collate_indexed(samples: list[dict]) -> dict:
     """:func:`~vqgan_cli.data.dataset.collate`, keeping the indices of the good and the skipped items."""
-    from vqgan_cli.data.dataset import collate
-
     out = collate(samples)
     out["index"] = [s["index"] for s in samples if "skipped" not in s]
     out["skipped_index"] = [s["index"] for s in samples if "skipped" in s]

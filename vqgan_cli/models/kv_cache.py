@@ -163,7 +163,7 @@ class StaticDecoder:
     def __init__(self, gpt: GPT, batch_size: int, max_len: int, compiled: bool = False):
         self.gpt = gpt
         self.cache = gpt.new_cache(batch_size, max_len)
-        self.cache.qkv = self.fused = gpt.fused()
+        self.cache.qkv = gpt.fused()
         device = self.cache.layers[0].k.device
         self.positions = torch.arange(max_len, device=device)
         if compiled and device.type == "cuda":
@@ -171,6 +171,12 @@ class StaticDecoder:
                 torch._dynamo.mark_static_address(layer.k)
                 torch._dynamo.mark_static_address(layer.v)
         self._step = compiled_step(device) if compiled else None
+
+    @property
+    def fused(self) -> list[Fused]:
+        """The fused projections the cache was started with (``KVCache.qkv``)."""
+        assert self.cache.qkv is not None
+        return self.cache.qkv
 
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (B, t, vocab) of the first ``t`` tokens ``idx`` (B, t)."""

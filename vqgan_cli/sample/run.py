@@ -244,15 +244,26 @@ def _progress(rt: Runtime, show: bool, total: int, start: int) -> TrainProgress:
     return TrainProgress(total, start, "sample (all ranks)" if rt.distributed else "sample", show and rt.is_main)
 
 
-def _on_disk(out: Path, names: list[str], done: set[int], since: float) -> int:
+class _OnDisk:
     """Images of this launch on disk, whichever rank wrote them: those kept (``done``) and the PNGs
-    written since it started (a PNG is written last, after its sidecar and tokens)."""
-    n = len(done)
-    for i, name in enumerate(names):
-        if i not in done:
-            with contextlib.suppress(FileNotFoundError):
-                n += (out / f"{name}.png").stat().st_mtime >= since
-    return n
+    written since it started (a PNG is written last, after its sidecar and tokens). An image once
+    seen is not looked at again, and the folder is looked at most every 2 s, so a 50,000-image
+    launch does not stat every file after every batch."""
+
+    def __init__(self, out: Path, names: list[str], done: set[int]):
+        self.since = time.time()
+        self.unseen = {i: out / f"{name}.png" for i, name in enumerate(names) if i not in done}
+        self.count, self.checked = len(done), 0.0
+
+    def __call__(self, force: bool = False) -> int:
+        if force or time.monotonic() - self.checked >= 2.0:
+            self.checked = time.monotonic()
+            for i, png in list(self.unseen.items()):
+                with contextlib.suppress(FileNotFoundError):
+                    if png.stat().st_mtime >= self.since:
+                        self.count += 1
+                        del self.unseen[i]
+        return self.count
 
 
 def _grid(path: Path, files: list[Path], pictures: dict[int, torch.Tensor]) -> Path:
@@ -303,10 +314,10 @@ def _sample_share(req: SampleRequest, models: Models | None, on_step: StepHook |
     record()
     pictures: dict[int, torch.Tensor] = {}
     seconds = 0.0
-    since = time.time()
+    on_disk = _OnDisk(out, names, done) if rt.distributed else None
 
-    def launch_written() -> int:  # the bar's count: every rank's images under torchrun
-        return _on_disk(out, names, done, since) if rt.distributed else len(done) + written - len(mine) + len(todo)
+    def launch_written(final: bool = False) -> int:  # the bar's count: every rank's images under torchrun
+        return on_disk(final) if on_disk is not None else len(done) + written - len(mine) + len(todo)
     with stop_on_sigterm(), _progress(rt, bar_shown, len(names), len(done)) as bar:
         for start in range(0, len(todo), req.batch_size):
             idx = todo[start:start + req.batch_size]
@@ -328,7 +339,8 @@ def _sample_share(req: SampleRequest, models: Models | None, on_step: StepHook |
             new = written - len(mine) + len(todo)
             bar.update(launch_written(), rt.world_size * new / max(seconds, 1e-9), "images", "")
         seconds = _slowest(seconds, rt)  # after it every rank's images are on disk
-        bar.update(launch_written(), 0.0 if seconds == 0 else (len(names) - len(done)) / seconds, "images", "")
+        rate = 0.0 if seconds == 0 else (len(names) - len(done)) / seconds
+        bar.update(launch_written(final=True), rate, "images", "")
     if done:
         notes.append(f"`skip_existing`: {len(done)} of {len(names)} image(s) were already in {out}; "
                      f"drew the other {len(names) - len(done)}")
